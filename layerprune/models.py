@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from layerprune.errors import UserError
+from layerprune.files import write_json
 
 
 def _gemma3_270m_gguf(work_dir: Path) -> Path:
@@ -29,6 +30,10 @@ BUNDLED_MODELS = {
 }
 
 
+# What we fetch of a hub model: config, safetensors weights and tokenizer (no .bin duplicates, no remote code)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
 @dataclass
 class ModelInfo:
     """What the `model` stage records, and what later stages read to find the weights."""
@@ -41,7 +46,7 @@ class ModelInfo:
     local_dir: str | None  # the exported directory for bundled models; None means "the HF cache"
 
     def save(self, path):
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path):
@@ -53,7 +58,7 @@ class ModelInfo:
             return self.local_dir
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(self.id, revision=self.revision)
+        return snapshot_download(self.id, revision=self.revision, allow_patterns=HUB_FILES)
 
 
 def export_bundled(model_id: str, out_dir: Path) -> None:
@@ -88,7 +93,7 @@ def resolve_hub_model(model_id: str, revision: str) -> tuple[str, str]:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        local = snapshot_download(model_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        local = snapshot_download(model_id, revision=revision, allow_patterns=HUB_FILES)
     except LocalEntryNotFoundError:
         raise UserError(
             f"model.id={model_id!r}: not in the Hugging Face cache and the hub cannot be reached "

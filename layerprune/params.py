@@ -38,7 +38,8 @@ class DataParams(Section):
 class SampleParams(Section):
     calibration: int = Field(gt=0, description="texts for the layer-similarity stage")
     eval: int = Field(gt=0, description="held-out texts for perplexity, disjoint from calibration")
-    min_chars: int = Field(100, ge=1, description="shorter texts are dropped")
+    min_chars: int = Field(50, ge=1, description="shorter texts are dropped")
+    max_chars: int = Field(2000, gt=0, description="longer texts are cut at a word boundary")
     seed: int = 0
 
 
@@ -110,4 +111,8 @@ def parse_params(raw, source="params.yaml") -> Params:
         key = ".".join(str(part) for part in first["loc"]) or "(top level)"
         value = first.get("input")
         message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "missing":
+            raise UserError(f"{source}: {key} is missing") from None
+        if isinstance(value, dict):  # a rule across keys (e.g. prune.layers vs prune.fraction): the message names them
+            raise UserError(f"{source}: {key}: {message}") from None
         raise UserError(f"{source}: {key}={value!r}: {message}") from None

