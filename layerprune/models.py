@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def _smollm2_135m_gguf(work_dir: Path) -> Path:
 BUNDLED_MODELS = {
     "bundled:gemma3-270m": _gemma3_270m_gguf,
     "bundled:smollm2-135m": _smollm2_135m_gguf,
+}
+# Where each bundled GGUF came from, for model cards (the weights went through 4-bit quantization on the way)
+BUNDLED_UPSTREAM = {
+    "bundled:gemma3-270m": "google/gemma-3-270m",
+    "bundled:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
 
@@ -121,15 +127,19 @@ def describe(model_id: str, revision: str, local_dir: str | None, model_dir: str
     )
 
 
-def count_parameters(model_dir) -> int:
-    """Parameters stored in a model directory's safetensors files (tied weights are stored, and counted, once)."""
+def count_parameters(model_dir, drop_layers=()) -> int:
+    """Parameters stored in a model directory's safetensors files (tied weights are stored, and counted, once),
+    leaving out those of the decoder layers in drop_layers (the first number in a tensor's name is its layer)."""
     from safetensors import safe_open
 
+    drop_layers = set(drop_layers)
     total = 0
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                total += _numel(f.get_slice(name).get_shape())
+                layer = re.search(r"\.(\d+)\.", name)
+                if not (layer and int(layer.group(1)) in drop_layers):
+                    total += _numel(f.get_slice(name).get_shape())
     return total
 
 

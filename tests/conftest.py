@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,15 +9,12 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Set at import, before any fixture runs: nothing a test does may land in the user's HF cache.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="layerprune-test-hf-")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-
-
-@pytest.fixture(autouse=True)
-def _private_hf_home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +25,9 @@ def smollm2_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2")
     export_bundled("bundled:smollm2-135m", out)
     return out
+
+
+def pytest_sessionfinish(session):
+    import shutil
+
+    shutil.rmtree(os.environ["HF_HOME"], ignore_errors=True)

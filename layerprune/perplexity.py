@@ -1,0 +1,111 @@
+"""Perplexity on held-out texts through lm-evaluation-harness: a task generated from our JSONL file, scored
+by lm-eval's `hf` model with disjoint rolling windows of `max_length` tokens (as its wikitext task does)."""
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from layerprune.errors import UserError
+
+TASK_NAME = "layerprune_heldout"
+
+# lm-eval's own metrics and aggregations, named as in its registry. Giving the aggregation and direction
+# explicitly saves six "aggregation is not defined" warnings per run. Words and bytes are counted by lm-eval
+# on the scored text (ConfigurableTask.count_words: whitespace split; count_bytes: UTF-8 length).
+METRICS = {
+    "word_perplexity": "weighted_perplexity",
+    "byte_perplexity": "weighted_perplexity",
+    "bits_per_byte": "bits_per_byte",
+}
+
+
+def write_task(eval_texts_path: Path, task_dir: Path, task_name: str) -> None:
+    """Write an lm-eval task YAML that scores every {"text": ...} line of a JSONL file."""
+    task_dir = Path(task_dir).resolve()
+    task_dir.mkdir(parents=True, exist_ok=True)
+    task = {
+        "task": task_name,
+        "dataset_path": "json",
+        "dataset_kwargs": {
+            "data_files": {"test": str(Path(eval_texts_path).resolve())},
+            # datasets converts the JSONL to Arrow in its cache; keep that next to the task, not in ~/.cache.
+            "cache_dir": str(task_dir / "datasets_cache"),
+        },
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "metric_list": [
+            {"metric": metric, "aggregation": aggregation, "higher_is_better": False}
+            for metric, aggregation in METRICS.items()
+        ],
+        "metadata": {"version": 1.0},
+    }
+    (task_dir / f"{task_name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+
+
+def evaluate_perplexity(
+    model_dir: Path, eval_texts_path: Path, *, max_length: int, batch_size: int, device: str = "cpu", work_dir: Path
+) -> dict:
+    """Word and byte perplexity of the model in model_dir on the held-out texts, and scoring throughput."""
+    if max_length <= 0:
+        raise UserError(f"eval.max_length={max_length}: must be a positive number of tokens")
+    if batch_size <= 0:
+        raise UserError(f"eval.batch_size={batch_size}: must be at least 1")
+    if _count_texts(eval_texts_path) == 0:
+        raise UserError(f"sample.eval: the held-out set {eval_texts_path} has no texts")
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    from layerprune.models import pick_device
+
+    # A fresh task dir each run: the datasets cache keys on the file's path and mtime, and we want no stale copy.
+    task_dir = Path(work_dir) / "lm_eval_task"
+    shutil.rmtree(task_dir, ignore_errors=True)
+    write_task(eval_texts_path, task_dir, TASK_NAME)
+
+    device = pick_device(device)
+    lm = HFLM(
+        pretrained=str(model_dir),
+        device=device,
+        dtype="bfloat16" if device == "cuda" else "float32",
+        # Explicit: the default is the model's advertised context (32k for Gemma 3), far beyond what we need.
+        max_length=max_length,
+        batch_size=batch_size,
+    )
+    # Only our task: indexing lm-eval's thousands of built-in task YAMLs costs seconds and buys nothing.
+    tasks = TaskManager(include_path=str(task_dir), include_defaults=False)
+    start = time.perf_counter()
+    results = lm_eval.simple_evaluate(model=lm, tasks=[TASK_NAME], task_manager=tasks, log_samples=True)
+    seconds = time.perf_counter() - start
+
+    # Every token of a text is predicted exactly once (the first one from the BOS/EOS prefix), so the tokens
+    # scored are the texts as lm-eval tokenised them; the logged samples hold the exact strings it scored.
+    samples = results.pop("samples")[TASK_NAME]
+    num_tokens = sum(len(lm.tok_encode(sample["arguments"][0][0])) for sample in samples)
+    metrics = results["results"][TASK_NAME]
+    return {
+        **{metric: metrics[f"{metric},none"] for metric in METRICS},
+        "num_texts": len(samples),
+        "num_tokens": num_tokens,
+        "seconds": seconds,
+        "tokens_per_second": num_tokens / seconds,
+        "results": json.loads(json.dumps(results, default=handle_non_serializable)),
+    }
+
+
+def _count_texts(path: Path) -> int:
+    count = 0
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"sample.eval: {path}:{number}: expected a JSON object with a string 'text'")
+        count += 1
+    return count

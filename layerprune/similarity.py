@@ -1,0 +1,270 @@
+"""How much each block of consecutive decoder layers changes the hidden state, from one forward pass per batch.
+
+x_i is the input of decoder layer i (i < L) and x_L the output of the last layer *before* the final norm
+(HF's last `hidden_states` entry is after it, which would score the deepest blocks against a normalised vector).
+Dropping the block of n layers that starts at l maps x_l straight to x_{l+n}, so a block scores by how far apart
+those two are. Metrics, each a matrix indexed [n, start]:
+- angular_last: arccos(cos(x_l, x_{l+n})) / pi on each sample's last token, mean over samples (Gromov et al.
+  2024, PruneMe).
+- angular_mean: the same angle averaged over each sample's tokens, then over samples (every sample weighs the
+  same, as in angular_last, however long it is).
+- block_influence: ShortGPT's BI_i = 1 - cos(x_i, x_{i+1}) pooled over all tokens, summed over the block's layers.
+
+Every matrix has shape (L, L) and is indexed [n, start] directly: row n=0 and cells with start + n > L are NaN.
+Block sizes run over 1..L-1 (dropping every layer is not a pruning).
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from layerprune.errors import UserError
+
+METRICS = ("angular_last", "angular_mean", "block_influence")
+CHUNK_ELEMENTS = 2**25  # float64 values per chunk of token states: each float64 copy stays under 256 MB
+
+
+# ---- pure math ----
+
+
+def cosines(vectors: torch.Tensor) -> torch.Tensor:
+    """(..., P, D) -> (..., P, P): cosine of every pair of the P vectors.
+
+    float64, because arccos is steep near cos = 1: a rounding error e in the cosine moves the angle by ~sqrt(2e),
+    so in float32 two identical states would already look ~1e-4 apart.
+    """
+    vectors = vectors.double()
+    gram = vectors @ vectors.transpose(-1, -2)
+    norms = gram.diagonal(dim1=-2, dim2=-1).sqrt().clamp(min=1e-30)  # from the Gram matrix: no pass over D
+    return gram / (norms[..., :, None] * norms[..., None, :])
+
+
+def angular(cos: torch.Tensor) -> torch.Tensor:
+    """Angular distance in [0, 1]: 0 for the same direction, 1/2 orthogonal, 1 opposite."""
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+class _Sums:
+    """Running sums over samples and tokens: memory is flat in the number of samples."""
+
+    def __init__(self, num_states: int, device):
+        self.last = torch.zeros(num_states, num_states, dtype=torch.float64, device=device)
+        self.mean = torch.zeros_like(self.last)
+        self.adjacent_cos = torch.zeros(num_states - 1, dtype=torch.float64, device=device)
+        self.num_samples = 0
+        self.num_tokens = 0
+
+    def add(self, states: list[torch.Tensor], lengths: torch.Tensor) -> None:
+        """states[i]: (tokens, D) non-padding tokens of x_i, sample after sample; lengths: tokens per sample."""
+        device = self.last.device
+        lengths = lengths.to(device)
+        # Each token weighs 1/len(its sample), so the sum over tokens is the sum over samples of token means.
+        weights = torch.repeat_interleave(1.0 / lengths.double(), lengths)
+        is_last = torch.zeros(len(weights), dtype=torch.bool, device=device)
+        is_last[lengths.cumsum(0) - 1] = True
+        chunk = max(1, CHUNK_ELEMENTS // (len(states) * states[0].shape[-1]))
+        for begin in range(0, len(weights), chunk):
+            window = slice(begin, begin + chunk)
+            cos = cosines(torch.stack([s[window].to(device) for s in states], 1))  # (tokens, L+1, L+1)
+            angles = angular(cos)
+            self.last += angles[is_last[window]].sum(0)
+            self.mean += torch.einsum("t,tij->ij", weights[window], angles)
+            self.adjacent_cos += cos.diagonal(offset=1, dim1=-2, dim2=-1).sum(0)
+        self.num_samples += len(lengths)
+        self.num_tokens += len(weights)
+
+
+def _by_block(pairs: np.ndarray) -> np.ndarray:
+    """(L+1, L+1) matrix over pairs of states [i, j] -> (L, L) matrix [n, start] of pair (start, start + n)."""
+    num_layers = len(pairs) - 1
+    out = np.full((num_layers, num_layers), np.nan)
+    for n in range(1, num_layers):
+        starts = np.arange(num_layers - n + 1)
+        out[n, starts] = pairs[starts, starts + n]
+    return out
+
+
+# ---- results ----
+
+
+@dataclass
+class Distances:
+    num_layers: int
+    num_samples: int
+    num_tokens: int
+    angular_last: np.ndarray  # (L, L), [n, start]
+    angular_mean: np.ndarray  # (L, L), [n, start]
+    block_influence: np.ndarray  # (L,), BI_i per layer
+
+    def scores(self, metric: str) -> np.ndarray:
+        """(L, L) matrix [n, start] for a metric: lower means the block changes the hidden state less."""
+        if metric not in METRICS:
+            raise UserError(f"unknown similarity metric {metric!r}; allowed: {', '.join(METRICS)}")
+        if metric == "block_influence":
+            cumulative = np.concatenate([[0.0], np.cumsum(self.block_influence)])
+            pairs = cumulative[None, :] - cumulative[:, None]  # [i, j] = BI_i + ... + BI_{j-1}
+            return _by_block(pairs)
+        return getattr(self, metric)
+
+    def best_starts(self, metric: str) -> dict[int, tuple[int, float]]:
+        """Block size n -> (start of the lowest-scoring block, its score); ties go to the shallowest start."""
+        matrix = self.scores(metric)
+        best = {}
+        for n in range(1, self.num_layers):
+            start = int(np.nanargmin(matrix[n]))
+            best[n] = (start, float(matrix[n, start]))
+        return best
+
+    def to_rows(self) -> list[dict]:
+        """Tidy rows {metric, n, start, distance}, one per block and metric (a CSV that `dvc plots` can draw)."""
+        rows = []
+        for metric in METRICS:
+            matrix = self.scores(metric)
+            for n in range(1, self.num_layers):
+                for start in range(self.num_layers - n + 1):
+                    rows.append({"metric": metric, "n": n, "start": start, "distance": float(matrix[n, start])})
+        return rows
+
+    @classmethod
+    def from_rows(cls, rows, *, num_samples: int, num_tokens: int) -> "Distances":
+        """Inverse of to_rows; accepts the strings csv.DictReader gives."""
+        rows = [(r["metric"], int(r["n"]), int(r["start"]), float(r["distance"])) for r in rows]
+        # Blocks of one layer start at 0..L-1, and block_influence of a one-layer block is BI itself.
+        influence = sorted((start, value) for metric, n, start, value in rows if metric == "block_influence" and n == 1)
+        num_layers = len(influence)
+        matrices = {metric: np.full((num_layers, num_layers), np.nan) for metric in METRICS}
+        for metric, n, start, value in rows:
+            matrices[metric][n, start] = value
+        return cls(
+            num_layers=num_layers,
+            num_samples=num_samples,
+            num_tokens=num_tokens,
+            angular_last=matrices["angular_last"],
+            angular_mean=matrices["angular_mean"],
+            block_influence=np.array([value for _, value in influence]),
+        )
+
+
+# ---- model I/O ----
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layer list, found by length rather than by name (model.layers, transformer.h, ...)."""
+    num_layers = model.config.get_text_config().num_hidden_layers
+    for module in model.modules():  # outermost first, so a per-layer sub-list never wins
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise UserError(f"{type(model).__name__}: no list of {num_layers} decoder layers found")
+
+
+def _body(model, layers: torch.nn.Module) -> torch.nn.Module:
+    """The base model without the lm_head: logits are unused and costly (262k vocab for Gemma 3)."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return body if any(module is layers for module in body.modules()) else model
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids of each text, its first max_length tokens (special tokens included); drops texts with < 2 tokens.
+
+    Returns (ids, dropped): one token, e.g. BOS alone for an empty text, says nothing about the language.
+    """
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    ids = [list(tokens) for tokens in encoded if len(tokens) >= 2]
+    return ids, len(texts) - len(ids)
+
+
+def _batches(token_ids: list[list[int]], batch_size: int):
+    """Samples sorted by length, so a batch holds similar lengths and little padding."""
+    ordered = sorted(token_ids, key=len)
+    for begin in range(0, len(ordered), batch_size):
+        yield ordered[begin : begin + batch_size]
+
+
+def _pad(batch: list[list[int]], padding_side: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(map(len, batch))
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, tokens in enumerate(batch):
+        cols = slice(0, len(tokens)) if padding_side == "right" else slice(width - len(tokens), width)
+        input_ids[row, cols] = torch.tensor(tokens)
+        mask[row, cols] = 1
+    return input_ids, mask
+
+
+class _Capture:
+    """Hooks that keep x_0..x_L of one batch: each layer's input, and the last layer's output (before the norm)."""
+
+    def __init__(self, layers: torch.nn.ModuleList):
+        self.layers = layers
+        self.keep: torch.Tensor | None = None  # (batch, seq) bool: the non-padding tokens
+        self.states: list[torch.Tensor] = []
+
+    def _store(self, hidden: torch.Tensor) -> None:
+        # Indexing copies, so a layer that later updates its input in place cannot change what we stored.
+        self.states.append(hidden[self.keep.to(hidden.device)])
+
+    def __enter__(self):
+        def before(module, args, kwargs):
+            self._store(args[0] if args else kwargs["hidden_states"])
+
+        def after(module, args, output):  # transformers 5 layers return a tensor or a tuple
+            self._store(output if isinstance(output, torch.Tensor) else output[0])
+
+        self.handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in self.layers]
+        self.handles.append(self.layers[-1].register_forward_hook(after))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def layer_distances(
+    model,
+    token_ids: list[list[int]],
+    *,
+    batch_size: int,
+    padding_side: str = "right",
+    pad_id: int = 0,
+    progress: bool = True,
+) -> Distances:
+    """Score every block of consecutive decoder layers on the given token ids (one forward pass per batch)."""
+    layers = decoder_layers(model)
+    if len(layers) < 2:
+        raise UserError(f"{type(model).__name__} has {len(layers)} decoder layer; nothing to prune")
+    if not token_ids:
+        raise UserError("no texts to score (every text had fewer than 2 tokens)")
+    body = _body(model, layers)
+    device = model.get_input_embeddings().weight.device
+    sums = _Sums(len(layers) + 1, device)
+    total = sum(map(len, token_ids))
+    with _Capture(layers) as capture, torch.inference_mode(), tqdm(
+        total=total, unit="tok", desc="layer distances", disable=not progress
+    ) as bar:
+        for batch in _batches(token_ids, batch_size):
+            input_ids, mask = _pad(batch, padding_side, pad_id)
+            # Positions count real tokens only: with left padding, the first real token is still position 0.
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            capture.keep, capture.states = mask.bool(), []
+            body(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=position_ids.to(device),
+                use_cache=False,
+            )
+            sums.add(capture.states, mask.sum(-1))
+            capture.states = []  # free this batch's states before the next forward pass
+            bar.update(int(mask.sum()))
+    per_sample = lambda pair_sums: _by_block((pair_sums / sums.num_samples).cpu().numpy())
+    return Distances(
+        num_layers=len(layers),
+        num_samples=sums.num_samples,
+        num_tokens=sums.num_tokens,
+        angular_last=per_sample(sums.last),
+        angular_mean=per_sample(sums.mean),
+        block_influence=1.0 - (sums.adjacent_cos / sums.num_tokens).cpu().numpy(),
+    )

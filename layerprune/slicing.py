@@ -1,0 +1,172 @@
+"""Cut layers out of a model with mergekit's passthrough merge.
+
+mergekit stays the engine; this module only changes how we drive it, for the two things mergekit 0.1.5 gets wrong
+on our architectures (DESIGN.md, "mergekit 0.1.5 on our architectures"):
+
+- Falcon-7B/11B put one `input_layernorm` in front of the parallel attention + MLP; mergekit's built-in falcon
+  definition describes the two-norm Falcon-40B/180B layout (`ln_attn`, `ln_mlp`) and fails on the others. We ship
+  a definition for the one-norm layout (architectures/falcon_one_norm.json) and let mergekit's registry answer
+  with it while it slices such a model.
+- mergekit sets num_hidden_layers on the output config but leaves per-layer lists at the old length; transformers 5
+  refuses to save such a config (Gemma 3's `layer_types`), so mergekit aborts before writing config.json. The
+  generic rule: every list-valued entry of the text config with one item per original layer keeps the items of
+  the kept layers, in order. We apply it to the config mergekit is about to save.
+
+Every output is then loaded with transformers on the meta device (no weights read) and must match its config
+exactly: no missing, unexpected or mis-shaped tensors.
+"""
+import shutil
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+
+import mergekit.merge
+from mergekit.architecture import ModelArchitecture, ModuleDefinition, arch_info_for_config
+from mergekit.architecture.json_definitions import NAME_TO_ARCH, JsonModuleArchDef, JsonModuleArchitecture
+from mergekit.config import MergeConfiguration
+from mergekit.merge import MergeOptions, run_merge
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.utils import logging as transformers_logging
+
+from layerprune.errors import UserError
+from layerprune.files import atomic_dir
+
+ARCHITECTURES = Path(__file__).parent / "architectures"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def slice_model(config: dict, out_dir: Path, *, copy_tokenizer_from: Path | None = None, progress: bool = True) -> None:
+    """Run the mergekit passthrough `config` (see choose.passthrough_config) into out_dir, atomically.
+
+    The tokenizer comes from copy_tokenizer_from, or from the base model's folder when that has one.
+    mergekit writes mergekit_config.yml into out_dir; the model card (README.md) is left to the caller.
+    """
+    merge_config = MergeConfiguration.model_validate(config)
+    models = set(merge_config.referenced_models())
+    if merge_config.merge_method != "passthrough" or not merge_config.slices or len(models) != 1:
+        raise ValueError("slice_model runs passthrough merges of slices of one model")
+    (base,) = models
+    base_config = base.config()
+    kept = [i for s in merge_config.slices for i in range(*s.sources[0].layer_range)]
+    base_dir = Path(base.local_path())
+    tokenizer_dir = copy_tokenizer_from or (base_dir if _has_tokenizer(base_dir) else None)
+    if tokenizer_dir is not None and not _has_tokenizer(Path(tokenizer_dir)):
+        raise UserError(f"{tokenizer_dir}: no tokenizer to copy (none of {', '.join(TOKENIZER_FILES)})")
+
+    # We copy the tokenizer ourselves: mergekit's copy falls back to an ERROR traceback when the base has none.
+    # The model card is ours too: mergekit's asks the hub whether a local "org/name"-shaped path is a hub repo.
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=not progress)
+    with atomic_dir(out_dir) as work:
+        with _registered(project_architecture(base_config)), _slicing_per_layer_lists(kept, _num_layers(base_config)):
+            _check_known(base_config)
+            run_merge(merge_config, str(work), options)
+        if tokenizer_dir is not None:
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(work)
+        if (base_dir / "generation_config.json").exists():  # eos ids and sampling defaults go with the weights
+            shutil.copy(base_dir / "generation_config.json", work)
+        _check_loads(work, base_config, len(kept))
+
+
+def project_architecture(config: PretrainedConfig) -> ModelArchitecture | None:
+    """The project-owned mergekit definition for this model, or None where mergekit's own is right."""
+    if config.architectures == ["FalconForCausalLM"] and _falcon_one_norm(config):
+        return _load_architecture("falcon_one_norm.json")
+    return None
+
+
+def slice_per_layer_lists(config: PretrainedConfig, kept: list[int], num_layers: int) -> None:
+    """Keep, in every list-valued entry with one item per original layer, the items of the kept layers, in order.
+    `config` is the text config (where the decoder layers live); a list of another length is left alone."""
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == num_layers:
+            setattr(config, key, [value[i] for i in kept])
+
+
+def _falcon_one_norm(config: PretrainedConfig) -> bool:
+    # As FalconDecoderLayer decides: parallel attention gets ln_attn + ln_mlp when num_ln_in_parallel_attn is 2 (the
+    # default with new_decoder_architecture: 40B, 180B), else one input_layernorm (7B; 11B sets it to 1).
+    norms = config.num_ln_in_parallel_attn or (2 if config.new_decoder_architecture else 1)
+    return config.parallel_attn and norms == 1
+
+
+def _load_architecture(name: str) -> ModelArchitecture:
+    definition = JsonModuleArchDef.model_validate_json((ARCHITECTURES / name).read_text())
+    module = JsonModuleArchitecture(definition=definition)
+    return ModelArchitecture(
+        modules={"default": ModuleDefinition(architecture=module)},
+        architectures=definition.architectures,
+        model_type=definition.expected_model_type,
+    )
+
+
+@contextmanager
+def _registered(arch: ModelArchitecture | None):
+    """While mergekit runs, answer registry lookups of arch's names with arch alone.
+
+    mergekit keys its registry by config.json's `architectures` name, then picks among same-name definitions by
+    model_type. Ours shares both with the built-in falcon, so we swap the entry for one merge instead of
+    registering it for good: the built-in still serves the two-norm layout."""
+    if arch is None:
+        yield
+        return
+    saved = {name: NAME_TO_ARCH[name] for name in arch.architectures}
+    NAME_TO_ARCH.update({name: [arch] for name in arch.architectures})
+    try:
+        yield
+    finally:
+        NAME_TO_ARCH.update(saved)
+
+
+@contextmanager
+def _slicing_per_layer_lists(kept: list[int], num_layers: int):
+    """Slice the per-layer lists of the config mergekit builds for the output, before it saves it.
+
+    mergekit.merge.run_merge looks up _model_out_config at call time; there is no other hook between building the
+    config and saving it, and saving is where transformers 5 rejects the unsliced lists."""
+    build = mergekit.merge._model_out_config
+
+    def build_sliced(*args, **kwargs):
+        config = build(*args, **kwargs)
+        slice_per_layer_lists(config.get_text_config(), kept, num_layers)
+        return config
+
+    mergekit.merge._model_out_config = build_sliced
+    try:
+        yield
+    finally:
+        mergekit.merge._model_out_config = build
+
+
+def _check_known(config: PretrainedConfig) -> None:
+    # Without a definition mergekit infers the layout from tensor names, but then it cannot set the layer count of
+    # the output, and the slice does not load.
+    names = config.architectures or []
+    if len(names) != 1 or arch_info_for_config(config) is None:
+        name = ", ".join(names) or config.model_type
+        raise UserError(f"mergekit {version('mergekit')} has no architecture definition for {name}; cannot slice it")
+
+
+def _num_layers(config: PretrainedConfig) -> int:
+    return config.get_text_config().num_hidden_layers
+
+
+def _has_tokenizer(model_dir: Path) -> bool:
+    return any((model_dir / name).exists() for name in TOKENIZER_FILES)
+
+
+def _check_loads(model_dir: Path, base_config: PretrainedConfig, num_layers: int) -> None:
+    # device_map="meta" builds the model and matches tensor names and shapes without reading a weight; its
+    # "Loading weights" bar would only flash, so it stays off.
+    bar = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, device_map="meta", output_loading_info=True)
+    finally:
+        if bar:
+            transformers_logging.enable_progress_bar()
+    problems = [f"{len(keys)} {kind} (e.g. {min(map(str, keys))})" for kind, keys in info.items() if keys]
+    if _num_layers(model.config) != num_layers:
+        problems.append(f"{_num_layers(model.config)} layers instead of {num_layers}")
+    if problems:
+        arch = (base_config.architectures or [base_config.model_type])[0]
+        raise UserError(f"mergekit's slice of {arch} does not load with transformers: {'; '.join(problems)}")

@@ -1,0 +1,128 @@
+import random
+
+import numpy as np
+import pytest
+
+from layerprune.choose import (
+    Block,
+    allowed_starts,
+    block_size,
+    check_ranges,
+    choose_block,
+    kept_ranges,
+    passthrough_config,
+)
+from layerprune.errors import UserError
+
+
+def test_seed_block_on_falcon_11b():
+    # PruneMe's 31-layer block at 24 on Falcon-11B's 60 layers; the seed published [0,24] + [55,59]
+    ranges = kept_ranges(60, Block(24, 31))
+    assert ranges == [(0, 24), (55, 60)]
+    check_ranges(ranges, 60, keep_first=0, keep_last=1)
+    with pytest.raises(UserError, match=r"protected layer\(s\) 59 of 60") as err:
+        check_ranges([(0, 24), (55, 59)], 60, keep_first=0, keep_last=1)
+    assert "\n" not in str(err.value)
+
+
+def test_block_size():
+    assert block_size(60, 31, None) == 31
+    assert block_size(60, None, 0.5) == 30
+    assert block_size(18, None, 0.25) == 4  # 4.5 rounds to even
+
+
+@pytest.mark.parametrize(
+    "layers, fraction, param",
+    [(6, None, "prune.layers=6"), (7, None, "prune.layers=7"), (0, None, "prune.layers=0"),
+     (None, 0.05, "prune.fraction=0.05"), (None, 0.95, "prune.fraction=0.95")],
+)
+def test_block_size_rejects(layers, fraction, param):
+    with pytest.raises(UserError) as err:
+        block_size(6, layers, fraction)
+    message = str(err.value)
+    assert message.startswith(param + ":") and "\n" not in message
+
+
+def test_no_room_after_protection():
+    assert allowed_starts(6, 4, keep_first=1, keep_last=1) == range(1, 2)
+    with pytest.raises(UserError, match=r"^prune.keep_first=2, prune.keep_last=1: ") as err:
+        allowed_starts(6, 4, keep_first=2, keep_last=1)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="prune.keep_first"):
+        choose_block(None, 6, 4, "deepest", keep_first=2, keep_last=1)
+
+
+def test_deepest_is_gromov_baseline():
+    # the n deepest layers except the final one
+    assert choose_block(None, 60, 31, "deepest", keep_first=0, keep_last=1) == Block(28, 31)
+    assert kept_ranges(60, Block(28, 31)) == [(0, 28), (59, 60)]
+    assert choose_block(None, 6, 2, "deepest", keep_first=0, keep_last=0) == Block(4, 2)
+
+
+def test_similarity_ignores_protected_and_undefined():
+    scores = np.full((7, 6), np.nan)
+    scores[2, :5] = [0.0, 0.3, np.nan, 0.2, 0.1]
+    # start 0 is the global minimum but protected; start 4 would drop the last layer
+    assert choose_block(scores, 6, 2, "similarity", keep_first=1, keep_last=1) == Block(3, 2)
+    assert choose_block(scores, 6, 2, "similarity", keep_first=0, keep_last=0) == Block(0, 2)
+    with pytest.raises(UserError, match="prune.strategy='random'"):
+        choose_block(scores, 6, 2, "random", keep_first=0, keep_last=0)
+    with pytest.raises(UserError, match="no similarity score"):
+        choose_block(np.full((7, 6), np.nan), 6, 2, "similarity", keep_first=0, keep_last=0)
+
+
+@pytest.mark.parametrize(
+    "ranges, message",
+    [([(0, 2), (4, 7)], r"within \[0, 6\]"), ([(3, 3)], "non-empty half-open"), ([(0, 3), (2, 6)], "overlaps"),
+     ([(4, 6), (0, 2)], "overlaps or precedes")],
+)
+def test_check_ranges_rejects_malformed(ranges, message):
+    with pytest.raises(UserError, match=message):
+        check_ranges(ranges, 6, keep_first=0, keep_last=0)
+
+
+def test_check_ranges_names_every_dropped_protected_layer():
+    with pytest.raises(UserError, match=r"layer\(s\) 0, 1, 5 of 6"):
+        check_ranges([(2, 5)], 6, keep_first=2, keep_last=1)
+
+
+def test_passthrough_config():
+    assert passthrough_config("/m", [(0, 24), (55, 60)], "bfloat16") == {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "/m", "layer_range": [0, 24]}]},
+            {"sources": [{"model": "/m", "layer_range": [55, 60]}]},
+        ],
+        "dtype": "bfloat16",
+    }
+
+
+def test_random_blocks():
+    rng = random.Random(0)
+    np_rng = np.random.default_rng(0)
+    for _ in range(500):
+        num_layers = rng.randint(2, 80)
+        size = rng.randint(1, num_layers - 1)
+        keep_first = rng.randint(0, num_layers - size)
+        keep_last = rng.randint(0, num_layers - size - keep_first)
+        scores = np_rng.random((num_layers + 1, num_layers))
+        scores[np_rng.random(scores.shape) < 0.2] = np.nan
+        scores[size, keep_first] = 2.0  # at least one allowed start is defined
+
+        block = choose_block(scores, num_layers, size, "similarity", keep_first, keep_last)
+        best = None
+        for start in range(num_layers - size + 1):
+            allowed = start >= keep_first and start + size <= num_layers - keep_last
+            score = scores[size, start]
+            if allowed and not np.isnan(score) and (best is None or score < scores[size, best]):
+                best = start
+        assert block == Block(best, size)
+
+        for chosen in (block, choose_block(None, num_layers, size, "deepest", keep_first, keep_last)):
+            ranges = kept_ranges(num_layers, chosen)
+            kept = [i for a, b in ranges for i in range(a, b)]
+            assert len(kept) == num_layers - size == len(set(kept))
+            assert set(range(chosen.start, chosen.stop)).isdisjoint(kept)
+            assert all(a < b for a, b in ranges)
+            check_ranges(ranges, num_layers, keep_first, keep_last)
+            assert set(range(keep_first)) | set(range(num_layers - keep_last, num_layers)) <= set(kept)
