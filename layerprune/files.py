@@ -1,4 +1,5 @@
 """Atomic output writing: a stage killed midway never leaves a half-written file or folder for DVC to record."""
+import glob
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ def atomic_write_text(path, text: str) -> None:
 def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -34,9 +36,10 @@ def atomic_dir(path):
     """Yield a temp folder beside `path`; on success it replaces `path` in one rename, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal folder
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    old = path.with_name(f"{_temp_prefix(path)}old.tmp")
     try:
         yield tmp
         # Move the previous folder aside in one rename, so a kill never leaves it half deleted.
@@ -46,6 +49,33 @@ def atomic_dir(path):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _temp_prefix(path: Path) -> str:
+    # The writer's pid in the name tells a later run whether the temp file is still being written.
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temps(path) -> None:
+    """Delete the temp files and folders that a killed run (SIGKILL skips every cleanup) left beside `path`."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_csv(path, rows: list[dict]) -> None:

@@ -1,10 +1,11 @@
 """params.yaml as one typed, validated object. Every stage parses the whole file first, so a bad value
 anywhere stops the run before any work starts, with one line naming the key and what is allowed."""
+import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from layerprune.errors import UserError
 
@@ -13,24 +14,41 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _as_text(value):
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# A string that may be written unquoted as digits: YAML reads `snapshot: 20231101` or `revision: 1234` as an int.
+DigitsOrText = Annotated[str, BeforeValidator(_as_text)]
+
+
 class ModelParams(Section):
     id: str = Field(description="bundled:gemma3-270m, bundled:smollm2-135m, or a Hugging Face hub id")
-    revision: str = Field("main", description="hub branch, tag or commit; ignored for bundled models")
+    revision: DigitsOrText = Field("main", description="hub branch, tag or commit; ignored for bundled models")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("id")
     @classmethod
     def _known_bundled(cls, value):
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
         from layerprune.models import BUNDLED_MODELS  # late import: models pulls in torch
 
-        if value.startswith("bundled:") and value not in BUNDLED_MODELS:
-            raise ValueError(f"unknown bundled model; allowed: {', '.join(sorted(BUNDLED_MODELS))} or a hub id")
+        allowed = f"allowed: {', '.join(sorted(BUNDLED_MODELS))} or a hub id like org/name"
+        if value.startswith("bundled:"):
+            if value not in BUNDLED_MODELS:
+                raise ValueError(f"unknown bundled model; {allowed}")
+            return value
+        try:
+            validate_repo_id(value)
+        except HFValidationError:
+            raise ValueError(f"not a bundled model or a hub id; {allowed}") from None
         return value
 
 
 class DataParams(Section):
     source: Literal["bundled", "hub"] = "bundled"
-    snapshot: str = Field("20231101", description="wikimedia/wikipedia dump date, for source: hub")
+    snapshot: DigitsOrText = Field("20231101", description="wikimedia/wikipedia dump date, for source: hub")
     dataset: str = Field("wikimedia/wikipedia", description="hub dataset id or a local folder in its layout")
     max_articles: int = Field(5000, gt=0)
 
@@ -41,6 +59,13 @@ class SampleParams(Section):
     min_chars: int = Field(50, ge=1, description="shorter texts are dropped")
     max_chars: int = Field(2000, gt=0, description="longer texts are cut at a word boundary")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _chars_range(self):
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"sample.min_chars={self.min_chars} is above sample.max_chars={self.max_chars}; "
+                             "every text would be dropped")
+        return self
 
 
 class SimilarityParams(Section):
@@ -87,23 +112,47 @@ class Params(Section):
     @field_validator("lang", mode="before")
     @classmethod
     def _lang_code(cls, value):
-        # YAML 1.1 reads the bare code `no` (Norwegian) as False; accept it rather than fail on it.
-        if value is False:
-            return "no"
+        if isinstance(value, bool):
+            raise ValueError('YAML reads it as a boolean; quote the language code, e.g. lang: "no"')
         if not isinstance(value, str) or not value.isascii() or not value.replace("-", "").isalpha():
             raise ValueError(f"must be a language code like es or de, got {value!r}")
         return value.lower()
 
+    @model_validator(mode="after")
+    def _bundled_lang(self):
+        from layerprune.texts import bundled_languages  # late import; reads eld's ~1 MB sentence file
+
+        if self.data.source == "bundled" and self.lang not in (available := bundled_languages()):
+            raise ValueError(f"lang={self.lang!r} is not in the bundled corpora (data.source=bundled); "
+                             f"available: {', '.join(available)}")
+        return self
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans and integers. YAML 1.1 (PyYAML's default) reads the language codes no, on, off, yes
+    as booleans and a commit like 0123456 as an octal number; here they stay strings, as DVC reads them."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
+
 
 def load_params(path="params.yaml") -> Params:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml.load(Path(path).read_text(), Loader=_Loader)
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"cannot read {path}: {err}".splitlines()[0]) from None
     return parse_params(raw, path)
 
 
 def parse_params(raw, source="params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else f"a {type(raw).__name__}"
+        raise UserError(f"{source}: expected a mapping of sections (lang, model, data, ...), got {got}")
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
@@ -113,6 +162,8 @@ def parse_params(raw, source="params.yaml") -> Params:
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "missing":
             raise UserError(f"{source}: {key} is missing") from None
+        if not first["loc"]:  # a rule across sections (e.g. lang vs data.source): the message names the keys
+            raise UserError(f"{source}: {message}") from None
         if isinstance(value, dict):  # a rule across keys (e.g. prune.layers vs prune.fraction): the message names them
             raise UserError(f"{source}: {key}: {message}") from None
         raise UserError(f"{source}: {key}={value!r}: {message}") from None

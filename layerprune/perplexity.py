@@ -54,8 +54,9 @@ def evaluate_perplexity(
         raise UserError(f"eval.max_length={max_length}: must be a positive number of tokens")
     if batch_size <= 0:
         raise UserError(f"eval.batch_size={batch_size}: must be at least 1")
-    if _count_texts(eval_texts_path) == 0:
-        raise UserError(f"sample.eval: the held-out set {eval_texts_path} has no texts")
+    records, dropped = _read_texts(eval_texts_path)
+    if not records:
+        raise UserError(f"sample.eval: the held-out set {eval_texts_path} has no texts (dropped {dropped})")
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -67,7 +68,10 @@ def evaluate_perplexity(
     # A fresh task dir each run: the datasets cache keys on the file's path and mtime, and we want no stale copy.
     task_dir = Path(work_dir) / "lm_eval_task"
     shutil.rmtree(task_dir, ignore_errors=True)
-    write_task(eval_texts_path, task_dir, TASK_NAME)
+    # Blank texts are left out: they have no token to score, but lm-eval would count each as a word.
+    kept_path = task_dir / "eval_texts.jsonl"
+    write_task(kept_path, task_dir, TASK_NAME)
+    kept_path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
 
     device = pick_device(device)
     lm = HFLM(
@@ -92,6 +96,7 @@ def evaluate_perplexity(
     return {
         **{metric: metrics[f"{metric},none"] for metric in METRICS},
         "num_texts": len(samples),
+        "dropped_texts": dropped,
         "num_tokens": num_tokens,
         "seconds": seconds,
         "tokens_per_second": num_tokens / seconds,
@@ -99,13 +104,17 @@ def evaluate_perplexity(
     }
 
 
-def _count_texts(path: Path) -> int:
-    count = 0
+def _read_texts(path: Path) -> tuple[list[dict], dict[str, int]]:
+    """The records with a non-blank "text", and how many were dropped, by reason."""
+    records, dropped = [], {"blank": 0}
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         record = json.loads(line)
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise UserError(f"sample.eval: {path}:{number}: expected a JSON object with a string 'text'")
-        count += 1
-    return count
+        if record["text"].strip():
+            records.append(record)
+        else:
+            dropped["blank"] += 1
+    return records, dropped

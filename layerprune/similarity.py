@@ -259,12 +259,12 @@ def layer_distances(
             sums.add(capture.states, mask.sum(-1))
             capture.states = []  # free this batch's states before the next forward pass
             bar.update(int(mask.sum()))
-    per_sample = lambda pair_sums: _by_block((pair_sums / sums.num_samples).cpu().numpy())
+    last, mean = ((pair_sums / sums.num_samples).cpu().numpy() for pair_sums in (sums.last, sums.mean))
     return Distances(
         num_layers=len(layers),
         num_samples=sums.num_samples,
         num_tokens=sums.num_tokens,
-        angular_last=per_sample(sums.last),
-        angular_mean=per_sample(sums.mean),
+        angular_last=_by_block(last),
+        angular_mean=_by_block(mean),
         block_influence=1.0 - (sums.adjacent_cos / sums.num_tokens).cpu().numpy(),
     )

@@ -112,8 +112,10 @@ def split_samples(articles: list[dict], calibration: int, eval: int, min_chars: 
             f"sample.calibration + sample.eval = {calibration} + {eval} = {wanted}, but the corpus has only "
             f"{len(usable)} usable texts (of {len(articles)}; dropped {dropped}); ask for fewer"
         )
-    chosen = random.Random(seed).sample(usable, wanted)
-    return Split(calibration=chosen[:calibration], eval=chosen[calibration:], dropped=dropped)
+    random.Random(seed).shuffle(usable)
+    # Held-out texts first: asking for more or fewer calibration texts leaves the evaluation set as it was,
+    # so DVC does not re-evaluate the base model.
+    return Split(calibration=usable[eval:wanted], eval=usable[:eval], dropped=dropped)
 
 
 def write_jsonl(path, rows) -> None:

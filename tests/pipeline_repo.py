@@ -1,6 +1,7 @@
 """A throwaway copy of the pipeline in its own git repo, so end-to-end tests never touch this repo's dvc.lock."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,17 @@ class PipelineRepo:
 
     def json(self, path):
         return json.loads((self.root / path).read_text())
+
+    def commit(self, message="results"):
+        self.git("add", "-A")
+        self.git("commit", "-qm", message)
+
+    def reset(self):
+        """Back to the last commit: params, lock, metrics and the DVC-tracked outputs."""
+        self.git("reset", "-q", "--hard")
+        self.dvc("checkout", "--force")
+
+    @staticmethod
+    def stages_run(result) -> set[str]:
+        """The stages a dvc repro / exp run executed (restored from the run cache counts as not executed)."""
+        return set(re.findall(r"Running stage '([\w-]+)'", result.stdout + result.stderr))

@@ -90,3 +90,11 @@ def test_hub_path_reads_a_local_copy_in_the_hub_layout(tmp_path):
     assert [a["text"] for a in got] == [f"Texto {i}" for i in range(5)]
     with pytest.raises(UserError, match="20231101.de"):
         fetch_hub(str(tmp_path / "wiki"), "20231101", "de", max_articles=5)
+
+
+def test_more_calibration_texts_leave_the_held_out_set_alone():
+    corpus = articles(3000)
+    small = split_samples(corpus, 10, 20, min_chars=10, max_chars=1000, seed=3)
+    large = split_samples(corpus, 500, 20, min_chars=10, max_chars=1000, seed=3)
+    assert small.eval == large.eval
+    assert small.calibration == large.calibration[:10]

@@ -1,0 +1,319 @@
+"""Benchmark harness (issue 8): how long an analyse-prune-evaluate round takes, and how little reruns when one thing
+changes, as ratios measured side by side in one run, with the absolute numbers and the machine they came from.
+
+    python bench/run.py              the embedded default (params.yaml: Gemma 3 270M), default sizes (~25 min, 2 cores)
+    python bench/run.py --quick      the same model, fewer texts; DVC part at tests/pipeline_repo.SMALL sizes
+    python bench/run.py --smoke      a tiny random Llama, no DVC part, under a minute (tests/test_bench.py)
+    --update-readme                  also put the table between <!-- bench:start --> and <!-- bench:end --> in README.md
+    --threads N                      torch threads (the smoke test uses 1: see --help)
+
+Writes the table to bench/results.md (results-quick.md, results-smoke.md for the other modes) and prints it.
+"""
+import argparse
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # layerprune, and the tests' tiny models and pipeline copy
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the Makefile: everything here is offline
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from layerprune.choose import Block, kept_ranges, passthrough_config  # noqa: E402
+from layerprune.models import ModelInfo, export_bundled, load_model  # noqa: E402
+from layerprune.params import load_params  # noqa: E402
+from layerprune.perplexity import evaluate_perplexity  # noqa: E402
+from layerprune.similarity import decoder_layers, layer_distances, tokenize  # noqa: E402
+from layerprune.texts import fetch_bundled, split_samples, write_jsonl  # noqa: E402
+from measure import (  # noqa: E402
+    bare_forward, body_flops, direct_loglikelihood, in_child, interleave, machine, matmul_flops_per_second,
+    pruneme_pass, ratio, similarity_peak_rss, timed, timed_slice,
+)
+
+MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
+
+
+@dataclass
+class Sizes:
+    texts: int  # calibration texts in the timed similarity comparisons
+    memory_texts: tuple[int, int]  # the two sample counts of the peak-memory runs: memory must not grow with them
+    eval_texts: int  # held-out texts in the perplexity comparison
+    rounds: int  # interleaved rounds per comparison
+    dvc: dict | None  # params overrides for the DVC part (None: skip it)
+    max_length: int = 32  # similarity; real modes take these four from params.yaml
+    batch_size: int = 4
+    eval_max_length: int = 32
+    eval_batch_size: int = 2
+
+
+def sizes_for(mode: str, params) -> Sizes:
+    if mode == "smoke":
+        return Sizes(texts=16, memory_texts=(8, 32), eval_texts=4, rounds=3, dvc=None)
+    from pipeline_repo import SMALL
+
+    quick = mode == "quick"
+    return Sizes(
+        texts=24 if quick else 64, memory_texts=(16, 64) if quick else (32, 128), eval_texts=4 if quick else 16,
+        rounds=2, dvc=SMALL if quick else {},
+        max_length=params.similarity.max_length, batch_size=params.similarity.batch_size,
+        eval_max_length=params.eval.max_length, eval_batch_size=params.eval.batch_size,
+    )
+
+
+# ---- what is measured on ----
+
+
+def tiny_model(work: Path, num_texts: int) -> tuple[str, str, list[str]]:
+    """A tiny random Llama with a word-level tokenizer (words w2..w127 are token ids 2..127), and random texts."""
+    from tiny_models import VOCAB, tiny_llama
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = work / "tiny"
+    tiny_llama().save_pretrained(model_dir)
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}, "[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(model_dir)
+    rng = random.Random(0)
+    texts = [" ".join(f"w{rng.randrange(2, VOCAB)}" for _ in range(rng.randrange(8, 60))) for _ in range(num_texts)]
+    return str(model_dir), "tiny random Llama (6 layers, hidden 32)", texts
+
+
+def embedded_default(params, work: Path, num_texts: int) -> tuple[str, str, list[str]]:
+    """The pipeline's model (models/base when the model stage has exported it, else a fresh export) and texts
+    sampled as the sample stage samples them."""
+    info = REPO / "models/base.json"
+    if info.exists() and ModelInfo.load(info).id == params.model.id:
+        model_dir = str(REPO / ModelInfo.load(info).local_dir)
+    else:
+        model_dir = str(work / "base")
+        export_bundled(params.model.id, Path(model_dir))
+    s = params.sample
+    _, articles = fetch_bundled(params.lang)
+    split = split_samples(articles, num_texts, 1, s.min_chars, s.max_chars, s.seed)
+    return model_dir, f"{params.model.id}, lang={params.lang}", [a["text"] for a in split.calibration]
+
+
+# ---- the comparisons; each returns table rows ----
+
+
+def row(what, ratio, goal, ours, baseline, how):
+    return dict(what=what, ratio=ratio, goal=goal, ours=ours, baseline=baseline, how=how)
+
+
+def similarity_rows(model, tokenizer, texts, sizes: Sizes) -> list[dict]:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, _ = tokenize(tokenizer, texts[: sizes.texts], sizes.max_length)
+    tokens, num_layers, bs = sum(map(len, ids)), len(decoder_layers(model)), sizes.batch_size
+    # The first forward pass pays one-time setup (kernel selection, lazy buffers): keep it out of every timing.
+    layer_distances(model, ids[:bs], batch_size=bs, pad_id=pad_id, progress=False)
+    # PruneMe's pass costs the same for every n (the forward pass dominates): time a few n, one per round.
+    ns = sorted({1 + r * (num_layers - 2) // max(1, sizes.rounds - 1) for r in range(sizes.rounds)})
+    runs = interleave({
+        "ours": lambda r: timed(layer_distances, model, ids, batch_size=bs, pad_id=pad_id, progress=False),
+        "bare": lambda r: timed(bare_forward, model, ids, bs, pad_id),
+        "pruneme": lambda r: timed(pruneme_pass, model, ids, ns[r % len(ns)], bs, pad_id),
+        "matmul": lambda r: matmul_flops_per_second(),
+    }, sizes.rounds)
+    ours, bare, matmul = (statistics.median(runs[k]) for k in ("ours", "bare", "matmul"))
+    sweep = [t * (num_layers - 1) for t in runs["pruneme"]]
+    flops = body_flops(model, list(map(len, ids)))
+    how = f"{len(ids)} texts, {tokens} tokens (≤ {sizes.max_length} each), batch {bs}"
+    return [
+        row("similarity: `layer_distances` tokens/s ÷ bare body forward (no hooks, no lm_head), same batches",
+            ratio(runs["bare"], runs["ours"]), "≥ 0.8", f"{tokens / ours:,.0f} tok/s", f"{tokens / bare:,.0f} tok/s",
+            how),
+        row(f"similarity: PruneMe-style sweep n = 1..{num_layers - 1} time ÷ `layer_distances` time (speed-up)",
+            ratio(sweep, runs["ours"]), "> 1", f"{ours:.3g} s", f"{statistics.median(sweep):.3g} s",
+            f"full model with logits and `output_hidden_states`, one pass per n in dataset order; timed n = "
+            f"{', '.join(map(str, ns))}, one pass per round, × {num_layers - 1} passes (extrapolated)"),
+        row("similarity: achieved FLOP/s of `layer_distances` ÷ fp32 matmul FLOP/s",
+            ratio([flops / t for t in runs["ours"]], runs["matmul"]), "", f"{flops / ours / 1e9:.1f} GFLOP/s",
+            f"{matmul / 1e9:.1f} GFLOP/s",
+            f"{flops / tokens / 1e6:.3g} MFLOP/token (2 × layer params + causal attention); 2048² matmul, best of 3"),
+    ]
+
+
+def memory_rows(model, model_dir, tokenizer, texts, sizes: Sizes) -> list[dict]:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    for count in sizes.memory_texts:
+        ids, _ = tokenize(tokenizer, texts[:count], sizes.max_length)
+        peak = in_child(similarity_peak_rss, model_dir, ids, sizes.batch_size, pad_id)
+        rows.append(row(f"similarity: peak RSS above the loaded model ÷ model size in memory, {count} texts",
+                        peak / model_bytes, "flat in texts", f"{peak / 2**20:,.0f} MiB",
+                        f"{model_bytes / 2**20:,.0f} MiB", f"{sum(map(len, ids))} tokens; fresh process, RSS "
+                        f"polled every ms"))
+    return rows
+
+
+def eval_rows(model, model_dir, tokenizer, texts, sizes: Sizes, work: Path) -> list[dict]:
+    path = work / "eval.jsonl"
+    texts = texts[: sizes.eval_texts]
+    write_jsonl(path, [{"text": t} for t in texts])
+    length, bs = sizes.eval_max_length, sizes.eval_batch_size
+
+    def lm_eval(r):
+        out = evaluate_perplexity(Path(model_dir), path, max_length=length, batch_size=bs, device="cpu",
+                                  work_dir=work / "lm_eval")
+        return out["num_tokens"] / out["seconds"]
+
+    def direct(r):
+        start = time.perf_counter()
+        tokens, _ = direct_loglikelihood(model, tokenizer, texts, length, bs)
+        return tokens / (time.perf_counter() - start)
+
+    direct(0)  # warm-up, as in similarity_rows; lm-eval's own set-up is part of what it costs and stays in
+    runs = interleave({"lm_eval": lm_eval, "direct": direct}, sizes.rounds)
+    return [row("evaluation: lm-eval perplexity tokens/s ÷ direct batched forward, same rolling windows",
+                ratio(runs["lm_eval"], runs["direct"]), "", f"{statistics.median(runs['lm_eval']):,.0f} tok/s",
+                f"{statistics.median(runs['direct']):,.0f} tok/s",
+                f"{len(texts)} texts, windows of {length}, batch {bs}; lm-eval's time is its `simple_evaluate` "
+                f"(task set-up included, model load not), as the pipeline reports it")]
+
+
+def slicing_rows(model_dir, num_layers: int, dtype: str, layers: int, sizes: Sizes, work: Path) -> list[dict]:
+    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in weights)
+    block = Block(num_layers - 1 - layers, layers)  # the deepest block that keeps the final layer
+    config = passthrough_config(str(Path(model_dir).resolve()), kept_ranges(num_layers, block), dtype)
+
+    def mergekit(r):
+        result = in_child(timed_slice, config, str(work / "slice"))
+        shutil.rmtree(work / "slice")
+        return result
+
+    def copy(r):  # the I/O floor: read and write the same bytes
+        (work / "copy").mkdir()
+        seconds = sum(timed(shutil.copyfile, f, work / "copy" / f.name) for f in weights)
+        shutil.rmtree(work / "copy")
+        return seconds
+
+    runs = interleave({"mergekit": mergekit, "copy": copy}, sizes.rounds)
+    seconds = [s for s, _ in runs["mergekit"]]
+    peak = max(p for _, p in runs["mergekit"])
+    how = f"drop {layers} of {num_layers} layers to {dtype}; {size / 2**20:,.0f} MiB of safetensors"
+    return [
+        row("slicing: mergekit slice time ÷ copying the safetensors", ratio(seconds, runs["copy"]), "",
+            f"{statistics.median(seconds):.3g} s", f"{statistics.median(runs['copy']):.3g} s", how),
+        row("slicing: mergekit peak RSS ÷ safetensors size", peak / size, "", f"{peak / 2**20:,.0f} MiB",
+            f"{size / 2**20:,.0f} MiB", "fresh process, imports excluded"),
+    ]
+
+
+def dvc_rows(overrides: dict, layers: int, lang: str, work: Path) -> list[dict]:
+    """Whole-pipeline wall times in a throwaway git repo. Sequential by nature (each run builds on the last), so
+    these ratios are not interleaved: read them as 'how much of a full round a change costs'."""
+    from pipeline_repo import PipelineRepo
+
+    repo = PipelineRepo.create(work / "pipeline", overrides)
+    other = "de" if lang != "de" else "fr"
+    steps = [
+        ("full `dvc repro`", ["repro"]),
+        (f"`dvc exp run -S prune.layers={layers - 1}`", ["exp", "run", "-S", f"prune.layers={layers - 1}"]),
+        (f"`dvc exp run -S lang={other}`", ["exp", "run", "-S", f"lang={other}"]),
+        ("no-op `dvc repro`", ["repro"]),
+    ]
+    rows, full = [], None
+    for name, args in steps:
+        start = time.perf_counter()
+        ran = repo.dvc(*args).stdout.count("Running stage")
+        seconds = time.perf_counter() - start
+        full = full or seconds
+        rows.append(row(f"reruns: {name} ÷ full `dvc repro`", seconds / full, "", f"{seconds:.1f} s",
+                        f"{full:.1f} s", f"{ran} of 8 stages ran" + (f"; sizes {overrides}" if not rows and
+                                                                   overrides else "")))
+    return rows
+
+
+# ---- output ----
+
+
+def table(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| measurement | ratio | goal | layerprune | baseline | how |", "|---|---:|---|---:|---:|---|"]
+    for r in rows:
+        number = f"{r['ratio']:,.0f}" if r["ratio"] >= 100 else f"{r['ratio']:.3g}"
+        lines.append(f"| {r['what']} | **{number}** | {r['goal']} | {r['ours']} | {r['baseline']} | "
+                     f"{r['how']} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+    """text with everything between the bench markers replaced by block; nothing outside them changes."""
+    start, end = MARKERS
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"README.md needs exactly one {start} followed by one {end}")
+    head, rest = text.split(start)
+    return head + start + "\n" + block + end + rest.split(end)[1]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke")
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick")
+    parser.add_argument("--out", type=Path, help="markdown file for the table (default: bench/results[-mode].md)")
+    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads, here and in every child process (default: "
+                        "torch's choice); 1 keeps tiny models fast on a machine busy with other work")
+    args = parser.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the measurement children and DVC's stages
+        torch.set_num_threads(args.threads)
+    args.mode = args.mode or "full"
+    out = args.out or REPO / "bench" / f"results{'' if args.mode == 'full' else '-' + args.mode}.md"
+
+    began, host = time.perf_counter(), machine()
+    params = load_params(REPO / "params.yaml")
+    sizes = sizes_for(args.mode, params)
+    with tempfile.TemporaryDirectory(prefix="layerprune-bench-") as tmp:
+        work = Path(tmp)
+        num_texts = max(sizes.texts, *sizes.memory_texts, sizes.eval_texts)
+        model_dir, name, texts = (tiny_model(work, num_texts) if args.mode == "smoke"
+                                  else embedded_default(params, work, num_texts))
+        model, tokenizer = load_model(model_dir, "cpu")
+        num_layers = len(decoder_layers(model))
+        layers = 2 if args.mode == "smoke" else params.prune.layers
+        sections = [
+            ("similarity", lambda: similarity_rows(model, tokenizer, texts, sizes)),
+            ("memory", lambda: memory_rows(model, model_dir, tokenizer, texts, sizes)),
+            ("evaluation", lambda: eval_rows(model, model_dir, tokenizer, texts, sizes, work)),
+            ("slicing", lambda: slicing_rows(model_dir, num_layers, params.slice.dtype, layers, sizes, work)),
+        ]
+        if sizes.dvc is not None:
+            sections.append(("reruns", lambda: dvc_rows(sizes.dvc, params.prune.layers, params.lang, work)))
+        rows = []
+        for section, measure in sections:
+            start = time.perf_counter()
+            rows += measure()
+            print(f"bench: {section} done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    header = (
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `python bench/run.py"
+        f"{'' if args.mode == 'full' else ' --' + args.mode}` ({args.mode} mode, {time.perf_counter() - began:.0f} s) "
+        f"on {name}, {num_layers} layers.\n\nMachine: {host}; {load} at the end.\n\n"
+        f"Ratios are the median of per-round ratios over {sizes.rounds} interleaved rounds (A, B, A, B), unless the "
+        f"row says otherwise; the absolute numbers are medians and drift with the machine's load."
+    )
+    text = table(rows, header)
+    out.write_text(text)
+    print(text)
+    if args.update_readme:
+        readme = REPO / "README.md"
+        readme.write_text(replace_block(readme.read_text(), text))
+
+
+if __name__ == "__main__":
+    main()
