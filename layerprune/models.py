@@ -116,15 +116,20 @@ def describe(model_id: str, revision: str, local_dir: str | None, model_dir: str
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    text_config = config.get_text_config()
     return ModelInfo(
         id=model_id,
         revision=revision,
         architecture=(config.architectures or [type(config).__name__])[0],
-        num_layers=text_config.num_hidden_layers,
+        num_layers=num_layers(model_dir),
         num_parameters=count_parameters(model_dir),
         local_dir=local_dir,
     )
+
+
+def num_layers(model_dir) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).get_text_config().num_hidden_layers
 
 
 def count_parameters(model_dir, drop_layers=()) -> int:

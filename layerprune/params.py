@@ -86,7 +86,7 @@ class PruneParams(Section):
         if (self.layers is None) == (self.fraction is None):
             raise ValueError("set exactly one of prune.layers and prune.fraction")
         if self.layers is not None and self.layers <= 0:
-            raise ValueError(f"prune.layers must be at least 1, got {self.layers}")
+            raise ValueError(f"prune.layers={self.layers}: must be at least 1")
         return self
 
 
@@ -133,12 +133,13 @@ class _Loader(yaml.SafeLoader):
     as booleans and a commit like 0123456 as an octal number; here they stay strings, as DVC reads them."""
 
 
+_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789"))
 
 
 def load_params(path="params.yaml") -> Params:
@@ -162,8 +163,11 @@ def parse_params(raw, source="params.yaml") -> Params:
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "missing":
             raise UserError(f"{source}: {key} is missing") from None
-        if not first["loc"]:  # a rule across sections (e.g. lang vs data.source): the message names the keys
+        if first["type"] == "extra_forbidden":
+            raise UserError(f"{source}: {key}: unknown key (a typo?)") from None
+        if first["type"] == "model_type":  # a section given as a single value
+            raise UserError(f"{source}: {key}={value!r}: must be a section of keys") from None
+        if not first["loc"] or isinstance(value, dict):
+            # a rule across keys (lang vs data.source, prune.layers vs prune.fraction): its message names them
             raise UserError(f"{source}: {message}") from None
-        if isinstance(value, dict):  # a rule across keys (e.g. prune.layers vs prune.fraction): the message names them
-            raise UserError(f"{source}: {key}: {message}") from None
         raise UserError(f"{source}: {key}={value!r}: {message}") from None

@@ -15,6 +15,8 @@ on our architectures (DESIGN.md, "mergekit 0.1.5 on our architectures"):
 Every output is then loaded with transformers on the meta device (no weights read) and must match its config
 exactly: no missing, unexpected or mis-shaped tensors.
 """
+import copy
+import logging
 import shutil
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -35,18 +37,20 @@ ARCHITECTURES = Path(__file__).parent / "architectures"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
 
-def slice_model(config: dict, out_dir: Path, *, copy_tokenizer_from: Path | None = None, progress: bool = True) -> None:
+def slice_model(config: dict, out_dir: Path, *, copy_tokenizer_from: Path | None = None,
+                extra_files: dict[str, bytes] | None = None, progress: bool = True) -> None:
     """Run the mergekit passthrough `config` (see choose.passthrough_config) into out_dir, atomically.
 
     The tokenizer comes from copy_tokenizer_from, or from the base model's folder when that has one.
-    mergekit writes mergekit_config.yml into out_dir; the model card (README.md) is left to the caller.
+    extra_files (name -> content, e.g. the model card README.md) are written into the same atomic folder.
     """
-    merge_config = MergeConfiguration.model_validate(config)
+    merge_config = MergeConfiguration.model_validate(_with_local_sources(config))
     models = set(merge_config.referenced_models())
     if merge_config.merge_method != "passthrough" or not merge_config.slices or len(models) != 1:
         raise ValueError("slice_model runs passthrough merges of slices of one model")
     (base,) = models
     base_config = base.config()
+    check_sliceable(base_config)
     kept = [i for s in merge_config.slices for i in range(*s.sources[0].layer_range)]
     base_dir = Path(base.local_path())
     tokenizer_dir = copy_tokenizer_from or (base_dir if _has_tokenizer(base_dir) else None)
@@ -58,13 +62,30 @@ def slice_model(config: dict, out_dir: Path, *, copy_tokenizer_from: Path | None
     options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=not progress)
     with atomic_dir(out_dir) as work:
         with _registered(project_architecture(base_config)), _slicing_per_layer_lists(kept, _num_layers(base_config)):
-            _check_known(base_config)
             run_merge(merge_config, str(work), options)
         if tokenizer_dir is not None:
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(work)
         if (base_dir / "generation_config.json").exists():  # eos ids and sampling defaults go with the weights
             shutil.copy(base_dir / "generation_config.json", work)
         _check_loads(work, base_config, len(kept))
+        for name, content in (extra_files or {}).items():
+            (work / name).write_bytes(content)
+
+
+def _with_local_sources(config: dict) -> dict:
+    """Replace hub references ("org/name@revision") by their folder in the HF cache, downloading if needed.
+
+    mergekit lists a hub repo's files online even when the snapshot is cached, so offline it cannot read a hub
+    id at all; a local folder it reads anywhere."""
+    from layerprune.models import resolve_hub_model
+
+    config = copy.deepcopy(config)
+    for part in config.get("slices", []):
+        for source in part["sources"]:
+            if not Path(source["model"]).exists():
+                repo_id, _, revision = source["model"].partition("@")
+                source["model"], _ = resolve_hub_model(repo_id, revision or "main")
+    return config
 
 
 def project_architecture(config: PretrainedConfig) -> ModelArchitecture | None:
@@ -137,11 +158,21 @@ def _slicing_per_layer_lists(kept: list[int], num_layers: int):
         mergekit.merge._model_out_config = build
 
 
-def _check_known(config: PretrainedConfig) -> None:
-    # Without a definition mergekit infers the layout from tensor names, but then it cannot set the layer count of
-    # the output, and the slice does not load.
+def check_sliceable(config: PretrainedConfig) -> None:
+    """UserError unless mergekit (with our definitions) knows this architecture.
+
+    Without a definition mergekit infers the layout from tensor names, but then it cannot set the layer count of
+    the output, and the slice does not load."""
     names = config.architectures or []
-    if len(names) != 1 or arch_info_for_config(config) is None:
+    mergekit_log = logging.getLogger("mergekit.architecture")
+    level = mergekit_log.level
+    mergekit_log.setLevel(logging.ERROR)  # its "No JSON architecture found" line would precede our one-line error
+    try:
+        with _registered(project_architecture(config)):
+            known = len(names) == 1 and arch_info_for_config(config) is not None
+    finally:
+        mergekit_log.setLevel(level)
+    if not known:
         name = ", ".join(names) or config.model_type
         raise UserError(f"mergekit {version('mergekit')} has no architecture definition for {name}; cannot slice it")
 

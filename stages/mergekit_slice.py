@@ -7,7 +7,6 @@ import yaml
 
 from layerprune.card import DTYPE_BYTES, render_card
 from layerprune.errors import UserError
-from layerprune.files import atomic_write_text
 from layerprune.slicing import slice_model
 from layerprune.stage import run_stage
 
@@ -23,13 +22,12 @@ def main(params, model_info, merge_config, choice, corpus_metrics, sample_metric
     pruned_dir = Path(pruned_dir)
     parameters_after = json.loads(Path(choice).read_text())["parameters_after"]
     check_free_space(pruned_dir.parent, parameters_after * DTYPE_BYTES[params.slice.dtype])
-    slice_model(yaml.safe_load(Path(merge_config).read_text()), pruned_dir)
-    shutil.copy(heatmap, pruned_dir / "similarity_heatmap.png")
-    atomic_write_text(pruned_dir / "README.md", render_card(
-        lang=params.lang, model_info=model_info, choice=choice, corpus_metrics=corpus_metrics,
-        sample_metrics=sample_metrics, merge_config=merge_config,
-    ))
-
+    card = render_card(lang=params.lang, model_info=model_info, choice=choice, corpus_metrics=corpus_metrics,
+                       sample_metrics=sample_metrics, merge_config=merge_config)
+    # The card and its picture go into the same atomic folder as the weights: a kill never leaves a model without them
+    slice_model(yaml.safe_load(Path(merge_config).read_text()), pruned_dir, extra_files={
+        "README.md": card.encode(), "similarity_heatmap.png": Path(heatmap).read_bytes(),
+    })
 
 if __name__ == "__main__":
     run_stage(main, "model_info", "merge_config", "choice", "corpus_metrics", "sample_metrics", "heatmap",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from layerprune.card import render_card
 from layerprune.files import atomic_write_text, write_csv, write_json
-from layerprune.models import ModelInfo, count_parameters, describe
+from layerprune.models import ModelInfo, count_parameters, num_layers
 from layerprune.perplexity import METRICS, evaluate_perplexity
 from layerprune.stage import run_stage
 
@@ -22,7 +22,7 @@ def measure(params, model_dir: Path, eval_texts, results) -> dict:
     write_json(results, measured.pop("results"))
     return {
         **measured,
-        "layers": describe("", "", None, model_dir).num_layers,
+        "layers": num_layers(model_dir),
         "parameters": count_parameters(model_dir),
         "size_on_disk_bytes": sum(f.stat().st_size for f in model_dir.glob("*.safetensors")),
     }

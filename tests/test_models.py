@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from layerprune.errors import UserError
-from layerprune.models import ModelInfo, describe, load_model, resolve_hub_model
+from layerprune.models import ModelInfo, describe, load_model, num_layers, resolve_hub_model
 
 SENTENCE = "La Tierra es el tercer planeta del sistema solar y el único conocido que alberga vida."
 
@@ -47,3 +47,33 @@ def test_cuda_asked_without_cuda_is_one_line():
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match="model.device='cuda'"):
         load_model("unused", "cuda")
+
+
+def fake_hub_cache(hf_home: Path, repo_id: str, model) -> str:
+    """Lay a model out as huggingface_hub caches it (refs/main -> snapshots/<sha>/), as if downloaded earlier."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    model.save_pretrained(repo / "snapshots" / sha)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    return sha
+
+
+def test_hub_model_resolves_to_a_pinned_commit_and_slices_from_it(tmp_path, monkeypatch):
+    """The hub path of the model stage, offline: a cached repo resolves `main` to its commit sha, and mergekit
+    reads the `id@sha` reference that choose-range writes."""
+    from tiny_models import tiny_llama
+
+    from layerprune.choose import passthrough_config
+    from layerprune.slicing import slice_model
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    sha = fake_hub_cache(tmp_path / "hf", "acme/tiny-llama", tiny_llama(num_layers=6))
+    local, resolved = resolve_hub_model("acme/tiny-llama", "main")
+    assert resolved == sha
+    info = describe("acme/tiny-llama", resolved, None, local)
+    assert (info.num_layers, info.local_dir, info.architecture) == (6, None, "LlamaForCausalLM")
+    assert info.model_dir() == local
+    slice_model(passthrough_config(f"{info.id}@{info.revision}", [(0, 2), (4, 6)], "float32"), tmp_path / "pruned")
+    assert num_layers(tmp_path / "pruned") == 4

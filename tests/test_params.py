@@ -25,7 +25,7 @@ def test_repository_params_are_valid():
     ("data.source", "web", "'bundled' or 'hub'"),
     ("model.id", "bundled:gpt5", "bundled:gemma3-270m"),
     ("prune.fraction", 1.5, "prune.fraction=1.5"),
-    ("prune.layers", 0, "prune.layers must be at least 1"),
+    ("prune.layers", 0, "prune.layers=0: must be at least 1"),
     ("lang", 42, "lang=42"),
 ])
 def test_bad_value_is_one_line_naming_key(key, value, expect):

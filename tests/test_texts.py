@@ -3,6 +3,7 @@ import json
 import pytest
 
 from layerprune.errors import UserError
+from local_wikipedia import write_local_wikipedia
 from layerprune.texts import bundled_languages, clean, fetch_bundled, fetch_hub, read_jsonl, split_samples, write_jsonl
 
 
@@ -65,20 +66,6 @@ def test_jsonl_round_trip_keeps_non_latin_text(tmp_path):
     rows = [{"id": "1", "text": "Привет мир"}, {"id": "2", "text": "你好，世界"}]
     write_jsonl(tmp_path / "x.jsonl", rows)
     assert read_jsonl(tmp_path / "x.jsonl") == rows
-
-
-def write_local_wikipedia(root, config, rows):
-    """A folder laid out like the hub repo wikimedia/wikipedia: parquet shards plus a card listing the configs."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    (root / config).mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows), root / config / "train-00000-of-00001.parquet")
-    (root / "README.md").write_text(
-        "---\nconfigs:\n"
-        f"- config_name: {config}\n  data_files:\n  - split: train\n    path: {config}/train-*\n"
-        "---\n# local copy\n"
-    )
 
 
 def test_hub_path_reads_a_local_copy_in_the_hub_layout(tmp_path):
