@@ -40,27 +40,33 @@ def timed(fn, *args, **kwargs) -> float:
 
 
 class PeakRSS:
-    """Peak resident memory above the level at entry, polled every millisecond from a thread.
+    """Peak anonymous resident memory above the level at entry, polled every millisecond from a thread.
 
-    RSS, not tracemalloc: torch allocates tensors outside Python's allocator. Run it in a fresh process
-    (in_child): a warm process re-uses heap it already holds, and the delta would understate the need."""
+    RSS, not tracemalloc: torch allocates tensors outside Python's allocator. Anonymous (rss - shared), because
+    safetensors are read through mmap, and file pages in RSS are page cache the kernel can drop, not memory the
+    step needs. Run it in a fresh process (in_child): a warm process re-uses heap it already holds, and the delta
+    would understate the need."""
 
     def __enter__(self):
         self.process = psutil.Process()
-        self.start = self.peak = self.process.memory_info().rss
+        self.start = self.peak = self._anonymous()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
         return self
 
+    def _anonymous(self) -> int:
+        info = self.process.memory_info()
+        return info.rss - info.shared
+
     def _poll(self):
         while not self.done.wait(0.001):
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.peak = max(self.peak, self._anonymous())
 
     def __exit__(self, *exc):
         self.done.set()
         self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.peak = max(self.peak, self._anonymous())
         self.delta = self.peak - self.start
 
 

@@ -1,7 +1,7 @@
 """Benchmark harness (issue 8): how long an analyse-prune-evaluate round takes, and how little reruns when one thing
 changes, as ratios measured side by side in one run, with the absolute numbers and the machine they came from.
 
-    python bench/run.py              the embedded default (params.yaml: Gemma 3 270M), default sizes (~25 min, 2 cores)
+    python bench/run.py              the embedded default (params.yaml: Gemma 3 270M), default sizes (~15 min, 2 cores)
     python bench/run.py --quick      the same model, fewer texts; DVC part at tests/pipeline_repo.SMALL sizes
     python bench/run.py --smoke      a tiny random Llama, no DVC part, under a minute (tests/test_bench.py)
     --update-readme                  also put the table between <!-- bench:start --> and <!-- bench:end --> in README.md
@@ -13,7 +13,6 @@ import argparse
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -63,8 +62,8 @@ def sizes_for(mode: str, params) -> Sizes:
 
     quick = mode == "quick"
     return Sizes(
-        texts=24 if quick else 64, memory_texts=(16, 64) if quick else (32, 128), eval_texts=4 if quick else 16,
-        rounds=2, dvc=SMALL if quick else {},
+        texts=16 if quick else 32, memory_texts=(16, 64) if quick else (32, 128), eval_texts=4 if quick else 8,
+        rounds=3 if quick else 5, dvc=SMALL if quick else {},
         max_length=params.similarity.max_length, batch_size=params.similarity.batch_size,
         eval_max_length=params.eval.max_length, eval_batch_size=params.eval.batch_size,
     )
@@ -107,6 +106,11 @@ def embedded_default(params, work: Path, num_texts: int) -> tuple[str, str, list
 # ---- the comparisons; each returns table rows ----
 
 
+def num(x: float) -> str:
+    """Three significant digits, without exponents for large numbers."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def row(what, ratio, goal, ours, baseline, how):
     return dict(what=what, ratio=ratio, goal=goal, ours=ours, baseline=baseline, how=how)
 
@@ -117,16 +121,15 @@ def similarity_rows(model, tokenizer, texts, sizes: Sizes) -> list[dict]:
     tokens, num_layers, bs = sum(map(len, ids)), len(decoder_layers(model)), sizes.batch_size
     # The first forward pass pays one-time setup (kernel selection, lazy buffers): keep it out of every timing.
     layer_distances(model, ids[:bs], batch_size=bs, pad_id=pad_id, progress=False)
-    # PruneMe's pass costs the same for every n (the forward pass dominates): time a few n, one per round.
-    ns = sorted({1 + r * (num_layers - 2) // max(1, sizes.rounds - 1) for r in range(sizes.rounds)})
-    runs = interleave({
-        "ours": lambda r: timed(layer_distances, model, ids, batch_size=bs, pad_id=pad_id, progress=False),
-        "bare": lambda r: timed(bare_forward, model, ids, bs, pad_id),
-        "pruneme": lambda r: timed(pruneme_pass, model, ids, ns[r % len(ns)], bs, pad_id),
-        "matmul": lambda r: matmul_flops_per_second(),
-    }, sizes.rounds)
-    ours, bare, matmul = (statistics.median(runs[k]) for k in ("ours", "bare", "matmul"))
-    sweep = [t * (num_layers - 1) for t in runs["pruneme"]]
+    run_ours = lambda r: timed(layer_distances, model, ids, batch_size=bs, pad_id=pad_id, progress=False)
+    runs = interleave({"ours": run_ours, "bare": lambda r: timed(bare_forward, model, ids, bs, pad_id),
+                       "matmul": lambda r: matmul_flops_per_second()}, sizes.rounds)
+    # PruneMe's pass costs the same for every n (the forward pass dominates) and is slow: time the smallest and
+    # the largest n, one per round, against layer_distances in two rounds of their own.
+    ns = [1, num_layers - 1]
+    pruneme = interleave({"ours": run_ours, "pass": lambda r: timed(pruneme_pass, model, ids, ns[r], bs, pad_id)}, 2)
+    sweep = [t * (num_layers - 1) for t in pruneme["pass"]]
+    ours, bare, matmul = min(runs["ours"]), min(runs["bare"]), max(runs["matmul"])
     flops = body_flops(model, list(map(len, ids)))
     how = f"{len(ids)} texts, {tokens} tokens (≤ {sizes.max_length} each), batch {bs}"
     return [
@@ -134,9 +137,9 @@ def similarity_rows(model, tokenizer, texts, sizes: Sizes) -> list[dict]:
             ratio(runs["bare"], runs["ours"]), "≥ 0.8", f"{tokens / ours:,.0f} tok/s", f"{tokens / bare:,.0f} tok/s",
             how),
         row(f"similarity: PruneMe-style sweep n = 1..{num_layers - 1} time ÷ `layer_distances` time (speed-up)",
-            ratio(sweep, runs["ours"]), "> 1", f"{ours:.3g} s", f"{statistics.median(sweep):.3g} s",
-            f"full model with logits and `output_hidden_states`, one pass per n in dataset order; timed n = "
-            f"{', '.join(map(str, ns))}, one pass per round, × {num_layers - 1} passes (extrapolated)"),
+            ratio(sweep, pruneme["ours"]), "> 1", f"{num(min(pruneme['ours']))} s",
+            f"{num(min(sweep))} s", f"full model with logits and `output_hidden_states`, one pass per n "
+            f"in dataset order; timed n = {ns[0]} and {ns[1]} (2 rounds), × {num_layers - 1} passes (extrapolated)"),
         row("similarity: achieved FLOP/s of `layer_distances` ÷ fp32 matmul FLOP/s",
             ratio([flops / t for t in runs["ours"]], runs["matmul"]), "", f"{flops / ours / 1e9:.1f} GFLOP/s",
             f"{matmul / 1e9:.1f} GFLOP/s",
@@ -151,10 +154,9 @@ def memory_rows(model, model_dir, tokenizer, texts, sizes: Sizes) -> list[dict]:
     for count in sizes.memory_texts:
         ids, _ = tokenize(tokenizer, texts[:count], sizes.max_length)
         peak = in_child(similarity_peak_rss, model_dir, ids, sizes.batch_size, pad_id)
-        rows.append(row(f"similarity: peak RSS above the loaded model ÷ model size in memory, {count} texts",
-                        peak / model_bytes, "flat in texts", f"{peak / 2**20:,.0f} MiB",
-                        f"{model_bytes / 2**20:,.0f} MiB", f"{sum(map(len, ids))} tokens; fresh process, RSS "
-                        f"polled every ms"))
+        rows.append(row(f"similarity: peak anonymous RSS above the loaded model ÷ model size in memory, {count} texts",
+                        peak / model_bytes, "flat in texts", f"{num(peak / 2**20)} MiB",
+                        f"{num(model_bytes / 2**20)} MiB", f"{sum(map(len, ids))} tokens; fresh process, polled every ms"))
     return rows
 
 
@@ -177,8 +179,8 @@ def eval_rows(model, model_dir, tokenizer, texts, sizes: Sizes, work: Path) -> l
     direct(0)  # warm-up, as in similarity_rows; lm-eval's own set-up is part of what it costs and stays in
     runs = interleave({"lm_eval": lm_eval, "direct": direct}, sizes.rounds)
     return [row("evaluation: lm-eval perplexity tokens/s ÷ direct batched forward, same rolling windows",
-                ratio(runs["lm_eval"], runs["direct"]), "", f"{statistics.median(runs['lm_eval']):,.0f} tok/s",
-                f"{statistics.median(runs['direct']):,.0f} tok/s",
+                ratio(runs["lm_eval"], runs["direct"]), "", f"{max(runs['lm_eval']):,.0f} tok/s",
+                f"{max(runs['direct']):,.0f} tok/s",
                 f"{len(texts)} texts, windows of {length}, batch {bs}; lm-eval's time is its `simple_evaluate` "
                 f"(task set-up included, model load not), as the pipeline reports it")]
 
@@ -203,12 +205,12 @@ def slicing_rows(model_dir, num_layers: int, dtype: str, layers: int, sizes: Siz
     runs = interleave({"mergekit": mergekit, "copy": copy}, sizes.rounds)
     seconds = [s for s, _ in runs["mergekit"]]
     peak = max(p for _, p in runs["mergekit"])
-    how = f"drop {layers} of {num_layers} layers to {dtype}; {size / 2**20:,.0f} MiB of safetensors"
+    how = f"drop {layers} of {num_layers} layers to {dtype}; {num(size / 2**20)} MiB of safetensors"
     return [
         row("slicing: mergekit slice time ÷ copying the safetensors", ratio(seconds, runs["copy"]), "",
-            f"{statistics.median(seconds):.3g} s", f"{statistics.median(runs['copy']):.3g} s", how),
-        row("slicing: mergekit peak RSS ÷ safetensors size", peak / size, "", f"{peak / 2**20:,.0f} MiB",
-            f"{size / 2**20:,.0f} MiB", "fresh process, imports excluded"),
+            f"{num(min(seconds))} s", f"{num(min(runs['copy']))} s", how),
+        row("slicing: mergekit peak anonymous RSS ÷ safetensors size", peak / size, "", f"{num(peak / 2**20)} MiB",
+            f"{num(size / 2**20)} MiB", "fresh process, imports excluded"),
     ]
 
 
@@ -221,19 +223,19 @@ def dvc_rows(overrides: dict, layers: int, lang: str, work: Path) -> list[dict]:
     other = "de" if lang != "de" else "fr"
     steps = [
         ("full `dvc repro`", ["repro"]),
-        (f"`dvc exp run -S prune.layers={layers - 1}`", ["exp", "run", "-S", f"prune.layers={layers - 1}"]),
+        (f"`dvc exp run -S prune.layers={layers + 1}`", ["exp", "run", "-S", f"prune.layers={layers + 1}"]),
         (f"`dvc exp run -S lang={other}`", ["exp", "run", "-S", f"lang={other}"]),
         ("no-op `dvc repro`", ["repro"]),
     ]
-    rows, full = [], None
+    rows, full, stages = [], None, None
     for name, args in steps:
         start = time.perf_counter()
-        ran = repo.dvc(*args).stdout.count("Running stage")
+        ran = len(PipelineRepo.stages_run(repo.dvc(*args)))
         seconds = time.perf_counter() - start
-        full = full or seconds
+        full, stages = full or seconds, stages or ran  # the first run, a full repro, runs every stage
+        sizes = f"; sizes {overrides}" if overrides and not rows else ""
         rows.append(row(f"reruns: {name} ÷ full `dvc repro`", seconds / full, "", f"{seconds:.1f} s",
-                        f"{full:.1f} s", f"{ran} of 8 stages ran" + (f"; sizes {overrides}" if not rows and
-                                                                   overrides else "")))
+                        f"{full:.1f} s", f"{ran} of {stages} stages ran{sizes}"))
     return rows
 
 
@@ -243,8 +245,7 @@ def dvc_rows(overrides: dict, layers: int, lang: str, work: Path) -> list[dict]:
 def table(rows: list[dict], header: str) -> str:
     lines = [header, "", "| measurement | ratio | goal | layerprune | baseline | how |", "|---|---:|---|---:|---:|---|"]
     for r in rows:
-        number = f"{r['ratio']:,.0f}" if r["ratio"] >= 100 else f"{r['ratio']:.3g}"
-        lines.append(f"| {r['what']} | **{number}** | {r['goal']} | {r['ours']} | {r['baseline']} | "
+        lines.append(f"| {r['what']} | **{num(r['ratio'])}** | {r['goal']} | {r['ours']} | {r['baseline']} | "
                      f"{r['how']} |")
     return "\n".join(lines) + "\n"
 
@@ -294,9 +295,9 @@ def main(argv=None):
         if sizes.dvc is not None:
             sections.append(("reruns", lambda: dvc_rows(sizes.dvc, params.prune.layers, params.lang, work)))
         rows = []
-        for section, measure in sections:
+        for section, run_section in sections:
             start = time.perf_counter()
-            rows += measure()
+            rows += run_section()
             print(f"bench: {section} done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -305,7 +306,8 @@ def main(argv=None):
         f"{'' if args.mode == 'full' else ' --' + args.mode}` ({args.mode} mode, {time.perf_counter() - began:.0f} s) "
         f"on {name}, {num_layers} layers.\n\nMachine: {host}; {load} at the end.\n\n"
         f"Ratios are the median of per-round ratios over {sizes.rounds} interleaved rounds (A, B, A, B), unless the "
-        f"row says otherwise; the absolute numbers are medians and drift with the machine's load."
+        f"row says otherwise. Absolute times are the best round of each side (a busy machine only ever adds time), "
+        f"so their quotient can differ from the ratio when the load changed between rounds."
     )
     text = table(rows, header)
     out.write_text(text)

@@ -71,6 +71,10 @@ def evaluate_perplexity(
     # Blank texts are left out: they have no token to score, but lm-eval would count each as a word.
     kept_path = task_dir / "eval_texts.jsonl"
     write_task(kept_path, task_dir, TASK_NAME)
+    # Longest first: lm-eval batches windows in document order, so sorted texts put similar windows together and
+    # cut padding (56% -> ~90% real tokens on the default; padding also pays for the 262k-vocabulary softmax).
+    # Perplexity is a sum over texts, so the order does not change it.
+    records.sort(key=lambda record: len(record["text"]), reverse=True)
     kept_path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
 
     device = pick_device(device)
