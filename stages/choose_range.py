@@ -1,4 +1,6 @@
 """Stage `choose-range`: pick the block of layers to drop and write the mergekit passthrough config for it."""
+import math
+
 import yaml
 
 from layerprune.choose import block_size, check_ranges, choose_block, kept_ranges, passthrough_config
@@ -37,7 +39,7 @@ def main(params, model_info, distances, merge_config, metrics, heatmap, curve):
         "parameters_after": count_parameters(model_dir, drop_layers=range(block.start, block.stop)),
     })
     write_csv(curve, [{"start": start, "distance": float(value)}
-                      for start, value in enumerate(scores[block.size]) if value == value])  # value == value: not NaN
+                      for start, value in enumerate(scores[block.size]) if not math.isnan(value)])
     title = f"{info.id} · {params.lang} · {metric}: drop {block.size} layers"
     similarity_heatmap(scores, block, metric, title, heatmap)
 
