@@ -84,3 +84,8 @@ def test_experiments_compare_across_languages(repo):
     assert '"lang": "de"' in text and "word_perplexity" in text and '"start"' in text
     metrics = repo.dvc("metrics", "diff", "HEAD", "german").stdout
     assert "metrics/perplexity_pruned.json" in metrics and "word_perplexity" in metrics
+    # an earlier experiment comes back whole, from the cache, without running anything
+    repo.dvc("exp", "apply", "german")
+    assert repo.json("metrics/corpus.json")["lang"] == "de"
+    assert repo.stages_run(repo.dvc("repro")) == set()
+    assert (repo.root / "models/pruned/model.safetensors").exists()
