@@ -32,7 +32,7 @@ from layerprune.choose import Block, kept_ranges, passthrough_config  # noqa: E4
 from layerprune.models import ModelInfo, export_bundled, load_model  # noqa: E402
 from layerprune.params import load_params  # noqa: E402
 from layerprune.perplexity import evaluate_perplexity  # noqa: E402
-from layerprune.similarity import decoder_layers, layer_distances, tokenize  # noqa: E402
+from layerprune.similarity import decoder_layers, layer_distances, pad_token_id, tokenize  # noqa: E402
 from layerprune.texts import fetch_bundled, split_samples, write_jsonl  # noqa: E402
 from measure import (  # noqa: E402
     bare_forward, body_flops, direct_loglikelihood, in_child, interleave, machine, matmul_flops_per_second,
@@ -116,7 +116,7 @@ def row(what, ratio, goal, ours, baseline, how):
 
 
 def similarity_rows(model, tokenizer, texts, sizes: Sizes) -> list[dict]:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     ids, _ = tokenize(tokenizer, texts[: sizes.texts], sizes.max_length)
     tokens, num_layers, bs = sum(map(len, ids)), len(decoder_layers(model)), sizes.batch_size
     # The first forward pass pays one-time setup (kernel selection, lazy buffers): keep it out of every timing.
@@ -148,7 +148,7 @@ def similarity_rows(model, tokenizer, texts, sizes: Sizes) -> list[dict]:
 
 
 def memory_rows(model, model_dir, tokenizer, texts, sizes: Sizes) -> list[dict]:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for count in sizes.memory_texts:

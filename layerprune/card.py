@@ -4,9 +4,6 @@ from pathlib import Path
 
 from layerprune.models import BUNDLED_UPSTREAM, ModelInfo
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 def render_card(*, lang: str, model_info, choice, corpus_metrics, sample_metrics, merge_config,
                 perplexity: dict | None = None) -> str:
     """Markdown card from the pipeline's own records (paths); `perplexity` is {"base": {...}, "pruned": {...}}."""

@@ -62,9 +62,7 @@ class ModelInfo:
         """A local directory that transformers, mergekit and lm-eval can all read."""
         if self.local_dir is not None:
             return self.local_dir
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(self.id, revision=self.revision, allow_patterns=HUB_FILES)
+        return resolve_hub_model(self.id, self.revision)[0]
 
 
 def export_bundled(model_id: str, out_dir: Path) -> None:
@@ -120,7 +118,7 @@ def describe(model_id: str, revision: str, local_dir: str | None, model_dir: str
         id=model_id,
         revision=revision,
         architecture=(config.architectures or [type(config).__name__])[0],
-        num_layers=num_layers(model_dir),
+        num_layers=config.get_text_config().num_hidden_layers,
         num_parameters=count_parameters(model_dir),
         local_dir=local_dir,
     )

@@ -165,6 +165,11 @@ def _body(model, layers: torch.nn.Module) -> torch.nn.Module:
     return body if any(module is layers for module in body.modules()) else model
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or 0: padded positions are masked out, so any id does."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
     """Token ids of each text, its first max_length tokens (special tokens included); drops texts with < 2 tokens.
 

@@ -1,7 +1,7 @@
 """Stage `layer-similarity`: how much every block of consecutive decoder layers changes the hidden state."""
 from layerprune.files import write_csv, write_json
 from layerprune.models import ModelInfo, load_model
-from layerprune.similarity import layer_distances, tokenize
+from layerprune.similarity import layer_distances, pad_token_id, tokenize
 from layerprune.stage import run_stage
 from layerprune.texts import read_jsonl
 
@@ -11,8 +11,7 @@ def main(params, model_info, calibration, distances, metrics):
     model, tokenizer = load_model(ModelInfo.load(model_info).model_dir(), params.model.device)
     texts = [row["text"] for row in read_jsonl(calibration)]
     token_ids, dropped = tokenize(tokenizer, texts, sim.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    result = layer_distances(model, token_ids, batch_size=sim.batch_size, pad_id=pad_id)
+    result = layer_distances(model, token_ids, batch_size=sim.batch_size, pad_id=pad_token_id(tokenizer))
     write_csv(distances, result.to_rows())
     write_json(metrics, {
         "metric": sim.metric,

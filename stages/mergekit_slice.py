@@ -5,10 +5,13 @@ from pathlib import Path
 
 import yaml
 
-from layerprune.card import DTYPE_BYTES, render_card
+from layerprune.card import render_card
 from layerprune.errors import UserError
 from layerprune.slicing import slice_model
 from layerprune.stage import run_stage
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def check_free_space(folder: Path, needed: int) -> None:
