@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from layerprune.errors import UserError
