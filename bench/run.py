@@ -73,34 +73,15 @@ def sizes_for(mode: str, params) -> Sizes:
 
 
 def tiny_model(work: Path, num_texts: int) -> tuple[str, str, list[str]]:
-    """A tiny random Llama with a word-level tokenizer (words w2..w127 are token ids 2..127), and random texts."""
-    from tiny_models import VOCAB, tiny_llama
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A tiny random Llama with a word-level tokenizer (word w<i> is token id i), and random texts."""
+    from tiny_models import VOCAB, tiny_llama, word_tokenizer
 
     model_dir = work / "tiny"
     tiny_llama().save_pretrained(model_dir)
-    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}, "[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(model_dir)
+    word_tokenizer(VOCAB).save_pretrained(model_dir)
     rng = random.Random(0)
-    texts = [" ".join(f"w{rng.randrange(2, VOCAB)}" for _ in range(rng.randrange(8, 60))) for _ in range(num_texts)]
+    texts = [" ".join(f"w{rng.randrange(3, VOCAB)}" for _ in range(rng.randrange(8, 60))) for _ in range(num_texts)]
     return str(model_dir), "tiny random Llama (6 layers, hidden 32)", texts
-
-
-def embedded_default(params, work: Path, num_texts: int) -> tuple[str, str, list[str]]:
-    """The pipeline's model (models/base when the model stage has exported it, else a fresh export) and texts
-    sampled as the sample stage samples them."""
-    info = REPO / "models/base.json"
-    if info.exists() and ModelInfo.load(info).id == params.model.id:
-        model_dir = str(REPO / ModelInfo.load(info).local_dir)
-    else:
-        model_dir = str(work / "base")
-        export_bundled(params.model.id, Path(model_dir))
-    s = params.sample
-    _, articles = fetch_bundled(params.lang)
-    split = split_samples(articles, num_texts, 1, s.min_chars, s.max_chars, s.seed)
-    return model_dir, f"{params.model.id}, lang={params.lang}", [a["text"] for a in split.calibration]
 
 
 # ---- the comparisons; each returns table rows ----

@@ -1,8 +1,10 @@
 """Which block of consecutive layers to drop, and the mergekit passthrough config that drops it. Pure: no torch.
 
-Layers are numbered 0..L-1. A block drops layers start..start+size-1. mergekit layer ranges are half-open, so the
-layers kept around a block are [0, start) and [start+size, L): the seed wrote [55, 59] for "55 to the end" of a
-60-layer model and silently dropped the final layer 59. check_ranges exists to catch exactly that.
+Layers are numbered 0..L-1. A block drops layers start..start+size-1; the `loss` and `iterative` strategies
+(layerprune.search) may drop layers that are not consecutive, so what is dropped is a set of layers, and a Block is
+one. mergekit layer ranges are half-open, so the layers kept around a block are [0, start) and [start+size, L): the
+seed wrote [55, 59] for "55 to the end" of a 60-layer model and silently dropped the final layer 59. check_ranges
+exists to catch exactly that.
 """
 from dataclasses import dataclass
 
@@ -20,6 +22,14 @@ class Block:
     def stop(self) -> int:
         """One past the last dropped layer."""
         return self.start + self.size
+
+    def __iter__(self):
+        """The dropped layers: a Block is a set of layers like any other."""
+        return iter(range(self.start, self.stop))
+
+
+STRATEGIES = ("similarity", "deepest", "loss", "iterative")
+NEEDS_MODEL = ("loss", "iterative")  # these score pruned models in memory; the others read the distances only
 
 
 def block_size(num_layers: int, layers: int | None, fraction: float | None) -> int:
@@ -58,7 +68,8 @@ def choose_block(
     if strategy == "deepest":
         return Block(starts[-1], size)
     if strategy != "similarity":
-        raise UserError(f"prune.strategy={strategy!r}: allowed: similarity, deepest")
+        raise UserError(f"prune.strategy={strategy!r}: choose_block knows similarity and deepest; "
+                        f"allowed strategies: {', '.join(STRATEGIES)}")
     if scores is None or scores.ndim != 2 or scores.shape[0] <= size or scores.shape[1] < starts[-1] + 1:
         shape = None if scores is None else scores.shape
         raise ValueError(f"scores of shape {shape} do not cover block size {size} at starts up to {starts[-1]}")
@@ -68,9 +79,26 @@ def choose_block(
     return Block(starts.start + int(np.nanargmin(row)), size)
 
 
-def kept_ranges(num_layers: int, block: Block) -> list[tuple[int, int]]:
-    """Half-open mergekit layer_range values that keep every layer outside the block."""
-    return [(a, b) for a, b in ((0, block.start), (block.stop, num_layers)) if a < b]
+def runs(layers) -> list[tuple[int, int]]:
+    """Runs of consecutive layers, as half-open (first, stop) pairs in order: {3, 8, 9} -> [(3, 4), (8, 10)]."""
+    found = []
+    for layer in sorted(set(layers)):
+        if found and layer == found[-1][1]:
+            found[-1] = (found[-1][0], layer + 1)
+        else:
+            found.append((layer, layer + 1))
+    return found
+
+
+def kept_ranges(num_layers: int, dropped) -> list[tuple[int, int]]:
+    """Half-open mergekit layer_range values, one per run of kept layers, that keep every layer not in `dropped`
+    (a Block or any collection of layer indices)."""
+    return runs(set(range(num_layers)) - set(dropped))
+
+
+def layers_label(dropped) -> str:
+    """Dropped layers as runs: "8..9", "3, 8..9", "5"."""
+    return ", ".join(str(a) if b == a + 1 else f"{a}..{b - 1}" for a, b in runs(dropped))
 
 
 def check_ranges(ranges, num_layers: int, keep_first: int, keep_last: int) -> None:

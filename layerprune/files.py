@@ -7,6 +7,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from layerprune.errors import UserError
+
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -25,6 +27,10 @@ def atomic_write_bytes(path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def write_json(path, data) -> None:
@@ -49,6 +55,15 @@ def atomic_dir(path):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_free_space(folder, needed: int, what: str = "the model") -> None:
+    """UserError unless `folder`'s disk has room for `needed` bytes and 10% more (tokenizer, metadata)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.1:
+        raise UserError(f"{what} needs ~{needed / 1e9:.1f} GB in {folder}, but only {free / 1e9:.1f} GB is free")
 
 
 def _temp_prefix(path: Path) -> str:

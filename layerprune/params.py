@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from layerprune.bundled import BUNDLED_MODELS, bundled_languages
 from layerprune.errors import UserError
 
 
@@ -23,34 +24,42 @@ DigitsOrText = Annotated[str, BeforeValidator(_as_text)]
 
 
 class ModelParams(Section):
-    id: str = Field(description="bundled:gemma3-270m, bundled:smollm2-135m, or a Hugging Face hub id")
-    revision: DigitsOrText = Field("main", description="hub branch, tag or commit; ignored for bundled models")
+    id: str = Field(description="bundled:gemma3-270m, bundled:smollm2-135m, a local model folder, or a hub id")
+    revision: DigitsOrText = Field("main", description="hub branch, tag or commit; ignored for other models")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    license: Optional[str] = Field(None, description="the model card's license where the base model's card has none")
 
     @field_validator("id")
     @classmethod
-    def _known_bundled(cls, value):
+    def _known_model(cls, value):
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-        from layerprune.models import BUNDLED_MODELS  # late import: models pulls in torch
-
-        allowed = f"allowed: {', '.join(sorted(BUNDLED_MODELS))} or a hub id like org/name"
+        allowed = f"allowed: {', '.join(sorted(BUNDLED_MODELS))}, a local model folder or a hub id like org/name"
         if value.startswith("bundled:"):
             if value not in BUNDLED_MODELS:
                 raise ValueError(f"unknown bundled model; {allowed}")
             return value
+        if Path(value).is_dir():  # an existing folder wins over a hub id of the same spelling, as in transformers
+            return value
+        if value.startswith((".", "/", "~")) or value.count("/") > 1:
+            raise ValueError("no such folder")
         try:
             validate_repo_id(value)
         except HFValidationError:
-            raise ValueError(f"not a bundled model or a hub id; {allowed}") from None
+            raise ValueError(f"not a bundled model, a local folder or a hub id; {allowed}") from None
         return value
 
 
 class DataParams(Section):
     source: Literal["bundled", "hub"] = "bundled"
-    snapshot: DigitsOrText = Field("20231101", description="wikimedia/wikipedia dump date, for source: hub")
     dataset: str = Field("wikimedia/wikipedia", description="hub dataset id or a local folder in its layout")
+    snapshot: DigitsOrText = Field("20231101", description="wikimedia/wikipedia dump date: config <snapshot>.<lang>")
+    config: Optional[str] = Field(None, description="the dataset's config; null means <snapshot>.<lang>")
+    text_column: str = "text"
+    id_column: str = Field("id", description="rows without it get a hash of their text as id")
     max_articles: int = Field(5000, gt=0)
+    shuffle_buffer: int = Field(10000, gt=0, description="rows the hub stream is shuffled within")
+    seed: int = 0
 
 
 class SampleParams(Section):
@@ -72,14 +81,17 @@ class SimilarityParams(Section):
     metric: Literal["angular_last", "angular_mean", "block_influence"] = "angular_last"
     max_length: int = Field(gt=0, description="tokens kept per text; longer texts are truncated")
     batch_size: int = Field(gt=0)
+    processes: int = Field(1, gt=0, description="torchrun processes that share the texts (one per GPU on CUDA)")
 
 
 class PruneParams(Section):
-    strategy: Literal["similarity", "deepest"] = "similarity"
+    strategy: Literal["similarity", "deepest", "loss", "iterative"] = "similarity"
     layers: Optional[int] = Field(None, description="block size n; or set fraction")
     fraction: Optional[float] = Field(None, gt=0, lt=1, description="block size as a fraction of the layers")
     keep_first: int = Field(0, ge=0, description="never drop the first k layers")
     keep_last: int = Field(1, ge=0, description="never drop the last k layers (1 keeps the final layer)")
+    search_texts: int = Field(4, gt=0, description="calibration texts (the first ones) that the loss and iterative "
+                              "searches score; each candidate runs the head over every token of them")
 
     @model_validator(mode="after")
     def _one_size(self):
@@ -97,6 +109,69 @@ class SliceParams(Section):
 class EvalParams(Section):
     max_length: int = Field(gt=0, description="rolling window of the perplexity evaluation, in tokens")
     batch_size: int = Field(gt=0)
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names scored beside perplexity")
+    include_path: Optional[str] = Field(None, description="a folder of extra lm-eval task YAMLs")
+
+
+class HealLoss(Section):
+    """Weights of the training objective's terms; any mix of them."""
+
+    lm: float = Field(0.0, ge=0, description="next-token cross-entropy on the text")
+    kl: float = Field(0.0, ge=0, description="KL divergence to the base model's next-token distribution")
+    hidden: float = Field(0.0, ge=0, description="relative squared error to the base model's last hidden state")
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not (self.lm or self.kl or self.hidden):
+            raise ValueError("heal.loss: give at least one of lm, kl, hidden a weight above 0")
+        return self
+
+
+class HealParams(Section):
+    tokens: int = Field(ge=0, description="training budget in tokens; 0 skips training (healed = pruned)")
+    repeat: bool = Field(False, description="allow a budget larger than the training text (several epochs)")
+    seq_len: int = Field(gt=0, description="tokens per packed block")
+    batch_size: int = Field(gt=0, description="blocks per optimizer step over all processes (before accumulation)")
+    accumulation: int = Field(1, gt=0)
+    learning_rate: float = Field(gt=0)
+    schedule: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "cosine"
+    warmup: float = Field(0.0, ge=0, lt=1, description="fraction of the steps")
+    seed: int = 0
+    loss: HealLoss
+    head_every: int = Field(1, gt=0, description="lm and kl use every k-th position (the head is most of a step)")
+    trainable: Literal["all", "cut", "lora"] = "cut"
+    cut_layers: int = Field(2, gt=0, description="cut and lora: layers trained on either side of each cut")
+    lora_rank: Optional[int] = Field(None, gt=0)
+    lora_alpha: Optional[float] = Field(None, gt=0)
+    validation_texts: int = Field(gt=0, description="articles for the validation loss: neither trained on nor held out")
+    eval_every: int = Field(gt=0, description="steps between validation losses")
+    save_every: int = Field(gt=0, description="steps between checkpoints")
+    processes: int = Field(1, gt=0, description="data-parallel processes (the stage relaunches itself under torchrun)")
+
+    @model_validator(mode="after")
+    def _lora_options(self):
+        if self.trainable != "lora":
+            for key in ("lora_rank", "lora_alpha"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"heal.{key} is set but heal.trainable={self.trainable!r}; "
+                                     "LoRA options need heal.trainable: lora")
+        else:
+            self.lora_rank = self.lora_rank or 8
+            self.lora_alpha = self.lora_alpha or 2.0 * self.lora_rank
+        return self
+
+
+class FrontierParams(Section):
+    layers: list[int] = Field(description="block sizes n at which the frontier stage compares every strategy")
+
+    @field_validator("layers")
+    @classmethod
+    def _sizes(cls, value):
+        if not value:
+            raise ValueError("list at least one number of layers to remove")
+        if min(value) < 1:
+            raise ValueError("every number of layers to remove must be at least 1")
+        return sorted(set(value))
 
 
 class Params(Section):
@@ -108,6 +183,8 @@ class Params(Section):
     prune: PruneParams
     slice: SliceParams
     eval: EvalParams
+    frontier: FrontierParams
+    heal: HealParams
 
     @field_validator("lang", mode="before")
     @classmethod
@@ -120,8 +197,6 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _bundled_lang(self):
-        from layerprune.texts import bundled_languages  # late import; reads eld's ~1 MB sentence file
-
         if self.data.source == "bundled" and self.lang not in (available := bundled_languages()):
             raise ValueError(f"lang={self.lang!r} is not in the bundled corpora (data.source=bundled); "
                              f"available: {', '.join(available)}")

@@ -1,6 +1,7 @@
 """Perplexity on held-out texts through lm-evaluation-harness: a task generated from our JSONL file, scored
 by lm-eval's `hf` model with disjoint rolling windows of `max_length` tokens (as its wikitext task does)."""
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -47,9 +48,16 @@ def write_task(eval_texts_path: Path, task_dir: Path, task_name: str) -> None:
 
 
 def evaluate_perplexity(
-    model_dir: Path, eval_texts_path: Path, *, max_length: int, batch_size: int, device: str = "cpu", work_dir: Path
+    model_dir: Path, eval_texts_path: Path, *, max_length: int, batch_size: int, device: str = "cpu", work_dir: Path,
+    tasks: list[str] = (), include_path: str | None = None, tokenizer=None,
 ) -> dict:
-    """Word and byte perplexity of the model in model_dir on the held-out texts, and scoring throughput."""
+    """Word and byte perplexity of the model in model_dir on the held-out texts, and scoring throughput.
+
+    model_dir may also be a model already in memory (the frontier's, with layers removed in place), with its
+    tokenizer; it is scored as it is, on its own device and in its own dtype.
+
+    `tasks` are more lm-eval tasks (by name, from lm-eval's registry or from the task YAMLs in include_path), scored
+    in the same run with the same loaded model; their metrics come back under "tasks"."""
     if max_length <= 0:
         raise UserError(f"eval.max_length={max_length}: must be a positive number of tokens")
     if batch_size <= 0:
@@ -59,6 +67,7 @@ def evaluate_perplexity(
         raise UserError(f"sample.eval: the held-out set {eval_texts_path} has no texts (dropped {dropped})")
 
     import lm_eval
+    import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
@@ -77,19 +86,28 @@ def evaluate_perplexity(
     records.sort(key=lambda record: len(record["text"]), reverse=True)
     kept_path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
 
+    # Built-in tasks only when asked for: indexing lm-eval's thousands of task YAMLs costs seconds.
+    task_manager = TaskManager(include_path=[str(task_dir), *([include_path] if include_path else [])],
+                               include_defaults=bool(tasks))
+    unknown = [task for task in tasks if task not in task_manager.all_tasks]
+    if unknown:
+        where = f"lm-eval's registry or eval.include_path={include_path!r}" if include_path else "lm-eval's registry"
+        raise UserError(f"eval.tasks: unknown task(s) {', '.join(unknown)}: not in {where}")
     device = pick_device(device)
+    in_memory = not isinstance(model_dir, (str, Path))
     lm = HFLM(
-        pretrained=str(model_dir),
+        pretrained=model_dir if in_memory else str(model_dir),
+        tokenizer=tokenizer,
         device=device,
         dtype="bfloat16" if device == "cuda" else "float32",
         # Explicit: the default is the model's advertised context (32k for Gemma 3), far beyond what we need.
         max_length=max_length,
         batch_size=batch_size,
+        # A model too big for one GPU: accelerate's device_map over every visible GPU, as the analysis does
+        parallelize=device == "cuda" and torch.cuda.device_count() > 1 and not in_memory,
     )
-    # Only our task: indexing lm-eval's thousands of built-in task YAMLs costs seconds and buys nothing.
-    tasks = TaskManager(include_path=str(task_dir), include_defaults=False)
     start = time.perf_counter()
-    results = lm_eval.simple_evaluate(model=lm, tasks=[TASK_NAME], task_manager=tasks, log_samples=True)
+    results = lm_eval.simple_evaluate(model=lm, tasks=[TASK_NAME, *tasks], task_manager=task_manager, log_samples=True)
     seconds = time.perf_counter() - start
 
     # Every token of a text is predicted exactly once (the first one from the BOS/EOS prefix), so the tokens
@@ -99,13 +117,39 @@ def evaluate_perplexity(
     metrics = results["results"][TASK_NAME]
     return {
         **{metric: metrics[f"{metric},none"] for metric in METRICS},
+        "tasks": {task: task_scores(results["results"][task]) for task in tasks},
         "num_texts": len(samples),
         "dropped_texts": dropped,
         "num_tokens": num_tokens,
         "seconds": seconds,
         "tokens_per_second": num_tokens / seconds,
-        "results": json.loads(json.dumps(results, default=handle_non_serializable)),
+        # What is a result: lm-eval's dict less its dates, git hash, environment, timings and temp paths
+        "results": json.loads(json.dumps({key: results[key] for key in RESULT_KEYS if key in results},
+                                         default=handle_non_serializable)),
     }
+
+
+RESULT_KEYS = ("results", "groups", "group_subtasks", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+def task_scores(task_results: dict) -> dict:
+    """lm-eval's "acc,none": 0.5, "acc_stderr,none": ... -> {"acc": 0.5, "acc_stderr": ...}, numbers only."""
+    return {key.split(",")[0]: value for key, value in task_results.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def significant(value, digits: int = 4):
+    """value rounded to `digits` significant digits, recursively through dicts and lists.
+
+    Evaluation numbers move in the fifth digit between runs on the same kind of machine (summation order of fp32
+    kernels), so git-tracked files carry four: a rerun of a committed state then rewrites them unchanged."""
+    if isinstance(value, dict):
+        return {key: significant(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [significant(item, digits) for item in value]
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+    return value
 
 
 def _read_texts(path: Path) -> tuple[list[dict], dict[str, int]]:

@@ -12,8 +12,13 @@ those two are. Metrics, each a matrix indexed [n, start]:
 
 Every matrix has shape (L, L) and is indexed [n, start] directly: row n=0 and cells with start + n > L are NaN.
 Block sizes run over 1..L-1 (dropping every layer is not a pruning).
+
+Across processes (torchrun): every sum is additive over texts, so each process scores its share of the batches and
+the sums are added up with one all-reduce before the matrix is formed (see layer_distances, process_group).
 """
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +79,15 @@ class _Sums:
             self.adjacent_cos += cos.diagonal(offset=1, dim1=-2, dim2=-1).sum(0)
         self.num_samples += len(lengths)
         self.num_tokens += len(weights)
+
+    def all_reduce(self) -> None:
+        """Add up the sums of every process, in place (the counts as int64: exact)."""
+        import torch.distributed as dist
+
+        counts = torch.tensor([self.num_samples, self.num_tokens], dtype=torch.int64, device=self.last.device)
+        for tensor in (self.last, self.mean, self.adjacent_cos, counts):
+            dist.all_reduce(tensor)
+        self.num_samples, self.num_tokens = counts.tolist()
 
 
 def _by_block(pairs: np.ndarray) -> np.ndarray:
@@ -187,6 +201,35 @@ def _batches(token_ids: list[list[int]], batch_size: int):
         yield ordered[begin : begin + batch_size]
 
 
+def _rank_and_size() -> tuple[int, int]:
+    """This process's rank and the number of processes; (0, 1) unless a torch.distributed group is running."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextmanager
+def process_group(device: str):
+    """Join the process group that torchrun describes (WORLD_SIZE > 1) and leave it at the end: gloo on CPU, nccl
+    on CUDA, where each process pins the GPU of its LOCAL_RANK. Yields (rank, gpu): gpu is that GPU's index, or
+    None for one process, which keeps device_map="auto" and so spreads a model too big for one GPU over all."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield 0, None
+        return
+    import torch.distributed as dist
+
+    gpu = int(os.environ["LOCAL_RANK"]) if device == "cuda" else None
+    if gpu is not None:
+        torch.cuda.set_device(gpu)
+    dist.init_process_group("nccl" if gpu is not None else "gloo")
+    try:
+        yield dist.get_rank(), gpu
+    finally:
+        dist.destroy_process_group()
+
+
 def _pad(batch: list[list[int]], padding_side: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -237,7 +280,14 @@ def layer_distances(
     pad_id: int = 0,
     progress: bool = True,
 ) -> Distances:
-    """Score every block of consecutive decoder layers on the given token ids (one forward pass per batch)."""
+    """Score every block of consecutive decoder layers on the given token ids (one forward pass per batch).
+
+    With a torch.distributed group running, every process passes the same token_ids and scores every size-th batch
+    of the length-sorted order from its rank on (whole batches, so each is padded as in one process, and the
+    longest texts spread over all processes); every process returns the same result. Per batch the sums are those
+    of one process; only the order of the float64 additions across batches differs (~1e-16 relative), and with
+    one batch per process the result is bit-identical.
+    """
     layers = decoder_layers(model)
     if len(layers) < 2:
         raise UserError(f"{type(model).__name__} has {len(layers)} decoder layer; nothing to prune")
@@ -246,11 +296,13 @@ def layer_distances(
     body = _body(model, layers)
     device = model.get_input_embeddings().weight.device
     sums = _Sums(len(layers) + 1, device)
-    total = sum(map(len, token_ids))
+    rank, size = _rank_and_size()
+    share = list(_batches(token_ids, batch_size))[rank::size]
+    total = sum(len(ids) for batch in share for ids in batch)
     with _Capture(layers) as capture, torch.inference_mode(), tqdm(
-        total=total, unit="tok", desc="layer distances", disable=not progress
+        total=total, unit="tok", desc="layer distances", disable=not progress or rank != 0
     ) as bar:
-        for batch in _batches(token_ids, batch_size):
+        for batch in share:
             input_ids, mask = _pad(batch, padding_side, pad_id)
             # Positions count real tokens only: with left padding, the first real token is still position 0.
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -264,6 +316,8 @@ def layer_distances(
             sums.add(capture.states, mask.sum(-1))
             capture.states = []  # free this batch's states before the next forward pass
             bar.update(int(mask.sum()))
+    if size > 1:
+        sums.all_reduce()
     last, mean = ((pair_sums / sums.num_samples).cpu().numpy() for pair_sums in (sums.last, sums.mean))
     return Distances(
         num_layers=len(layers),

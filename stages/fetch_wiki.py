@@ -1,4 +1,4 @@
-"""Stage `fetch-wiki`: Wikipedia text in the chosen language, from the bundled corpora or the hub."""
+"""Stage `fetch-wiki`: text in the chosen language, from the bundled corpora or a hub dataset (Wikipedia by default)."""
 from layerprune.files import write_json
 from layerprune.stage import run_stage
 from layerprune.texts import fetch_bundled, fetch_hub, write_jsonl
@@ -8,11 +8,16 @@ def main(params, corpus, metrics):
     data = params.data
     if data.source == "bundled":
         name, articles = fetch_bundled(params.lang)
+        hub = {}
     else:
-        name, articles = fetch_hub(data.dataset, data.snapshot, params.lang, data.max_articles)
+        config = data.config or f"{data.snapshot}.{params.lang}"
+        name, articles = fetch_hub(data.dataset, config, text_column=data.text_column, id_column=data.id_column,
+                                   max_articles=data.max_articles, shuffle_buffer=data.shuffle_buffer, seed=data.seed)
+        hub = {"dataset": data.dataset, "config": config}
     write_jsonl(corpus, articles)
     write_json(metrics, {
         "corpus": name,
+        **hub,
         "lang": params.lang,
         "articles": len(articles),
         "chars": sum(len(a["text"]) for a in articles),

@@ -1,17 +1,24 @@
-"""Stage `layer-similarity`: how much every block of consecutive decoder layers changes the hidden state."""
+"""Stage `layer-similarity`: how much every block of consecutive decoder layers changes the hidden state.
+
+With similarity.processes > 1 it runs as that many processes under torchrun: each one scores its share of the texts
+(one GPU each on CUDA) and rank 0 writes the outputs."""
 from layerprune.files import write_csv, write_json
-from layerprune.models import ModelInfo, load_model
-from layerprune.similarity import layer_distances, pad_token_id, tokenize
+from layerprune.models import ModelInfo, load_model, pick_device
+from layerprune.similarity import layer_distances, pad_token_id, process_group, tokenize
 from layerprune.stage import run_stage
 from layerprune.texts import read_jsonl
 
 
 def main(params, model_info, calibration, distances, metrics):
     sim = params.similarity
-    model, tokenizer = load_model(ModelInfo.load(model_info).model_dir(), params.model.device)
-    texts = [row["text"] for row in read_jsonl(calibration)]
-    token_ids, dropped = tokenize(tokenizer, texts, sim.max_length)
-    result = layer_distances(model, token_ids, batch_size=sim.batch_size, pad_id=pad_token_id(tokenizer))
+    device = pick_device(params.model.device)
+    with process_group(device) as (rank, gpu):
+        model, tokenizer = load_model(ModelInfo.load(model_info).model_dir(), device, gpu=gpu)
+        texts = [row["text"] for row in read_jsonl(calibration)]
+        token_ids, dropped = tokenize(tokenizer, texts, sim.max_length)
+        result = layer_distances(model, token_ids, batch_size=sim.batch_size, pad_id=pad_token_id(tokenizer))
+    if rank != 0:  # every process holds the same result
+        return
     write_csv(distances, result.to_rows())
     write_json(metrics, {
         "metric": sim.metric,
@@ -24,4 +31,5 @@ def main(params, model_info, calibration, distances, metrics):
 
 
 if __name__ == "__main__":
-    run_stage(main, "model_info", "calibration", "distances", "metrics", description=__doc__)
+    run_stage(main, "model_info", "calibration", "distances", "metrics", description=__doc__,
+              processes=lambda params: params.similarity.processes)

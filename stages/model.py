@@ -1,4 +1,7 @@
 """Stage `model`: make the base model a local directory that mergekit and lm-eval read like any hub model."""
+import json
+from pathlib import Path
+
 from transformers import AutoConfig
 
 from layerprune.files import atomic_dir, atomic_write_text
@@ -7,22 +10,25 @@ from layerprune.slicing import check_sliceable
 from layerprune.stage import run_stage
 
 
-def main(params, model_dir, info):
-    model = params.model
-    if model.id.startswith("bundled:"):
+def main(params, source, model_dir, info):
+    source = json.loads(Path(source).read_text())
+    if source["kind"] == "bundled":
         with atomic_dir(model_dir) as tmp:
-            export_bundled(model.id, tmp)
-        model_info = describe(model.id, "bundled", local_dir=model_dir, model_dir=model_dir)
+            export_bundled(source["id"], tmp)
+        local_dir = read_from = model_dir
     else:
-        # Hub weights stay in the Hugging Face cache (not the DVC cache); we pin the resolved commit instead.
-        local, sha = resolve_hub_model(model.id, model.revision)
+        # Hub weights stay in the Hugging Face cache (pinned to the commit model-source resolved), a local folder
+        # where it is: models/base only says where they are.
+        local_dir = source["id"] if source["kind"] == "local" else None
+        read_from = local_dir or resolve_hub_model(source["id"], source["revision"])[0]
         with atomic_dir(model_dir) as tmp:
-            atomic_write_text(tmp / "README.md", f"{model.id}@{sha} lives in the Hugging Face cache: {local}\n")
-        model_info = describe(model.id, sha, local_dir=None, model_dir=local)
+            where = "the Hugging Face cache" if local_dir is None else "that folder"
+            atomic_write_text(tmp / "README.md", f"{source['id']} at {source['revision']}: read from {where}\n")
+    model_info = describe(source, local_dir=local_dir, model_dir=read_from, license=params.model.license)
     # Fail here, not after the similarity pass, if mergekit cannot slice this architecture
-    check_sliceable(AutoConfig.from_pretrained(model_info.model_dir()))
+    check_sliceable(AutoConfig.from_pretrained(read_from))
     model_info.save(info)
 
 
 if __name__ == "__main__":
-    run_stage(main, "model_dir", "info", description=__doc__)
+    run_stage(main, "source", "model_dir", "info", description=__doc__)

@@ -16,6 +16,9 @@ PIPELINE_FILES = ["dvc.yaml", "params.yaml", "stages", "layerprune", ".dvc/confi
 SMALL = {
     "sample": {"calibration": 12, "eval": 4},
     "similarity": {"max_length": 32, "batch_size": 4},
+    "prune": {"search_texts": 2},
+    "frontier": {"layers": [1]},
+    "heal": {"tokens": 512, "seq_len": 64, "batch_size": 2, "validation_texts": 2, "eval_every": 2, "save_every": 2},
     "eval": {"max_length": 64, "batch_size": 2},
 }
 

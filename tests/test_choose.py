@@ -10,7 +10,9 @@ from layerprune.choose import (
     check_ranges,
     choose_block,
     kept_ranges,
+    layers_label,
     passthrough_config,
+    runs,
 )
 from layerprune.errors import UserError
 
@@ -126,3 +128,66 @@ def test_random_blocks():
             assert all(a < b for a, b in ranges)
             check_ranges(ranges, num_layers, keep_first, keep_last)
             assert set(range(keep_first)) | set(range(num_layers - keep_last, num_layers)) <= set(kept)
+
+
+def test_dropped_layers_need_not_be_consecutive():
+    assert runs({9, 3, 8}) == [(3, 4), (8, 10)]
+    assert kept_ranges(18, {3, 8, 9}) == [(0, 3), (4, 8), (10, 18)]
+    assert kept_ranges(18, Block(8, 2)) == kept_ranges(18, [8, 9]) == [(0, 8), (10, 18)]
+    assert kept_ranges(4, [0, 3]) == [(1, 3)]
+    assert layers_label(Block(8, 2)) == "8..9"
+    assert layers_label([9, 3, 8]) == "3, 8..9"
+    assert layers_label([5]) == "5"
+    assert list(Block(8, 2)) == [8, 9]
+
+
+def test_random_layer_sets():
+    rng = random.Random(1)
+    for _ in range(500):
+        num_layers = rng.randint(2, 60)
+        dropped = set(rng.sample(range(num_layers), rng.randint(1, num_layers - 1)))
+        ranges = kept_ranges(num_layers, dropped)
+        kept = [i for a, b in ranges for i in range(a, b)]
+        assert kept == sorted(set(range(num_layers)) - dropped)  # every kept layer once, in order
+        assert all(b < c for (_, b), (c, _) in zip(ranges, ranges[1:]))  # runs are maximal: a gap between each
+        check_ranges(ranges, num_layers, keep_first=0, keep_last=0)
+        label = layers_label(dropped)
+        parsed = set()
+        for part in label.split(", "):
+            first, _, last = part.partition("..")
+            parsed |= set(range(int(first), int(last or first) + 1))
+        assert parsed == dropped
+
+
+@pytest.mark.parametrize("metric, dropped, ranges", [
+    ("angular_last", [2, 3], [[0, 2], [4, 12]]),
+    ("angular_mean", [5, 6], [[0, 5], [7, 12]]),
+    ("block_influence", [8, 9], [[0, 8], [10, 12]]),
+])
+def test_each_metric_gives_its_own_block_through_the_stage(tmp_path, metric, dropped, ranges):
+    """A distance table where the three metrics disagree: similarity.metric decides what choose-range drops."""
+    import json
+
+    import yaml
+    from test_errors import stage, write_model_info, write_params
+
+    num_layers = 12
+    best = {"angular_last": 2, "angular_mean": 5}
+    rows = ["metric,n,start,distance"]
+    for n in range(1, num_layers):
+        for start in range(num_layers - n + 1):
+            for name in ("angular_last", "angular_mean"):
+                rows.append(f"{name},{n},{start},{0.1 if n == 2 and start == best[name] else 0.5}")
+            # block_influence of a block is the sum of its layers' BI: layers 8 and 9 barely change anything
+            rows.append(f"block_influence,{n},{start},{sum(0.01 if i in (8, 9) else 0.5 for i in range(start, start + n))}")
+    (tmp_path / "distances.csv").write_text("\n".join(rows) + "\n")
+    write_model_info(tmp_path / "base.json", num_layers)
+    params = write_params(tmp_path / "params.yaml", {"similarity.metric": metric, "prune.layers": 2})
+    result = stage("choose_range.py", params, "--model-info", "base.json", "--distances", "distances.csv",
+                   "--calibration", "cal.jsonl", "--merge-config", "slice.yaml", "--metrics", "choice.json",
+                   "--heatmap", "h.png", "--curve", "c.csv", "--block-losses", "l.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    choice = json.loads((tmp_path / "choice.json").read_text())
+    assert (choice["metric"], choice["dropped"]) == (metric, dropped)
+    config = yaml.safe_load((tmp_path / "slice.yaml").read_text())
+    assert [s["sources"][0]["layer_range"] for s in config["slices"]] == ranges

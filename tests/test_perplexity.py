@@ -124,3 +124,69 @@ def test_bad_input_is_a_user_error(tmp_path, texts, kwargs, param):
     with pytest.raises(UserError) as err:
         evaluate_perplexity(tmp_path, path, **{"max_length": 16, "batch_size": 1, **kwargs}, work_dir=tmp_path / "w")
     assert param in str(err.value) and "\n" not in str(err.value)
+
+
+QUESTIONS = [  # (context, choices, index of the right one)
+    ("The capital of France is", [" Paris", " banana", " seven"], 0),
+    ("Water freezes at zero degrees", [" Celsius", " purple", " quickly"], 0),
+    ("One, two, three,", [" four", " table", " Monday"], 0),
+    ("The opposite of hot is", [" loud", " cold", " green"], 1),
+]
+
+
+def write_choice_task(folder):
+    """A local multiple-choice task in lm-eval's YAML format, as a user's eval.include_path holds it."""
+    folder.mkdir()
+    (folder / "questions.jsonl").write_text("".join(
+        json.dumps({"context": context, "choices": choices, "answer": answer}) + "\n"
+        for context, choices, answer in QUESTIONS))
+    (folder / "toy_choice.yaml").write_text(f"""task: toy_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'questions.jsonl'}
+  cache_dir: {folder / 'cache'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+""")
+
+
+def test_extra_tasks_are_scored_beside_perplexity(smollm2_dir, tmp_path):
+    write_choice_task(tmp_path / "tasks")
+    texts = write_jsonl(tmp_path / "eval.jsonl", TEXTS[:2])
+    out = evaluate_perplexity(smollm2_dir, texts, max_length=MAX_LENGTH, batch_size=2, work_dir=tmp_path / "w",
+                              tasks=["toy_choice"], include_path=str(tmp_path / "tasks"))
+    # accuracy from our own forward passes: the choice with the highest log-likelihood after the context
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    right = 0
+    for context, choices, answer in QUESTIONS:
+        context_ids = tokenizer.encode(context)
+        scores = []
+        for choice in choices:
+            ids = tokenizer.encode(context + choice)
+            with torch.no_grad():
+                logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids))))
+        right += max(range(len(choices)), key=scores.__getitem__) == answer
+    assert out["tasks"]["toy_choice"]["acc"] == pytest.approx(right / len(QUESTIONS))
+    assert math.isfinite(out["word_perplexity"])
+
+
+def test_unknown_task_is_one_line(smollm2_dir, tmp_path):
+    (tmp_path / "tasks").mkdir()
+    texts = write_jsonl(tmp_path / "eval.jsonl", TEXTS[:1])
+    with pytest.raises(UserError, match=r"^eval.tasks: unknown task\(s\) no_such_task: not in lm-eval's registry or "
+                                        r"eval.include_path="):
+        evaluate_perplexity(smollm2_dir, texts, max_length=MAX_LENGTH, batch_size=2, work_dir=tmp_path / "w",
+                            tasks=["no_such_task"], include_path=str(tmp_path / "tasks"))

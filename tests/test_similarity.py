@@ -1,11 +1,16 @@
 import csv
 import io
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import ALL_LAYOUTS, VOCAB, tiny_llama
+from conftest import REPO
+from tiny_models import ALL_LAYOUTS, VOCAB, tiny_llama, word_tokenizer
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from layerprune.errors import UserError
@@ -193,3 +198,100 @@ def test_hooks_are_removed_and_finder_names_the_model():
     model.config.num_hidden_layers = 7
     with pytest.raises(UserError, match="LlamaForCausalLM"):
         decoder_layers(model)
+
+
+def test_several_chunks_per_batch_match_the_reference(monkeypatch):
+    import layerprune.similarity as similarity
+
+    model = build("llama")
+    token_ids = samples()
+    width = (len(model.model.layers) + 1) * model.config.hidden_size
+    monkeypatch.setattr(similarity, "CHUNK_ELEMENTS", 3 * width)  # 3 tokens per chunk: a batch spans many chunks
+    chunks = []
+    monkeypatch.setattr(similarity, "cosines", lambda vectors: chunks.append(len(vectors)) or cosines(vectors))
+    got = layer_distances(model, token_ids, batch_size=4, progress=False)
+    assert max(chunks) == 3 and len(chunks) >= sum(LENGTHS) / 3
+    last, mean, influence = reference(model, "llama", token_ids)
+    np.testing.assert_allclose(got.angular_last, last, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.angular_mean, mean, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.block_influence, influence, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_head_is_never_called(layout):
+    model = build(layout)
+
+    def fail(*args):
+        raise AssertionError("lm_head called: logits are unused")
+
+    model.get_output_embeddings().register_forward_pre_hook(fail)
+    with pytest.raises(AssertionError, match="lm_head called"):  # the hook does fire on a full forward
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    layer_distances(model, samples(), batch_size=4, progress=False)
+
+
+def test_tokenize_keeps_bos_and_needs_a_token_after_it():
+    tokenizer = word_tokenizer(VOCAB, bos=True)
+    bos = tokenizer.bos_token_id
+    assert tokenizer("w5")["input_ids"] == [bos, 5]  # this tokenizer adds BOS, as Gemma's does
+    ids, dropped = tokenize(tokenizer, ["", "w5", "w7 w8 w9 w10 w11", "w12 w13"], max_length=4)
+    # "" is BOS alone: dropped. BOS + one token is kept. Truncation keeps BOS and the first max_length - 1 words.
+    assert ids == [[bos, 5], [bos, 7, 8, 9], [bos, 12, 13]]
+    assert dropped == 1
+
+
+def write_word_model(folder):
+    """A tiny Llama and a word-level tokenizer over its 128 ids, saved as a model folder."""
+    tiny_llama().save_pretrained(folder)
+    word_tokenizer(VOCAB).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("num_texts", [4, 10])
+def test_two_processes_give_the_matrix_of_one(tmp_path, num_texts):
+    """The stage under torchrun with 2 gloo processes, against one process in this one. 4 texts in batches of 2:
+    each process scores one whole batch, and the sums are bit-identical. 10 texts: 3 and 2 batches; only the
+    order of the float64 additions differs."""
+    from test_errors import write_model_info, write_params
+
+    from layerprune.files import read_csv
+    from layerprune.models import load_model
+
+    model_dir = write_word_model(tmp_path / "model")
+    info = write_model_info(tmp_path / "base.json", 6, "bundled:smollm2-135m", "LlamaForCausalLM", model_dir)
+    generator = torch.Generator().manual_seed(3)
+    texts = [" ".join(f"w{i}" for i in torch.randint(3, VOCAB, (n,), generator=generator).tolist())
+             for n in LENGTHS[:num_texts]]
+    rows = [json.dumps({"id": str(i), "text": text}) + "\n" for i, text in enumerate(texts)]
+    (tmp_path / "cal.jsonl").write_text("".join(rows))
+    params = write_params(tmp_path / "params.yaml", {"similarity.batch_size": 2, "similarity.processes": 2,
+                                                      "model.device": "cpu"})
+    result = subprocess.run(
+        # as dvc.yaml runs it: similarity.processes=2 makes the stage relaunch itself under torchrun
+        [sys.executable, REPO / "stages/layer_similarity.py", "--params", params, "--model-info", info, "--calibration", "cal.jsonl",
+         "--distances", "distances.csv", "--metrics", "similarity.json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "similarity.json").read_text())
+    assert (metrics["samples"], metrics["tokens"]) == (num_texts, sum(LENGTHS[:num_texts]))
+    got = Distances.from_rows(read_csv(tmp_path / "distances.csv"), num_samples=0, num_tokens=0)
+
+    model, tokenizer = load_model(model_dir, "cpu")
+    one = layer_distances(model, tokenize(tokenizer, texts, 128)[0], batch_size=2, progress=False)
+    for metric in ("angular_last", "angular_mean", "block_influence"):
+        if num_texts == 4:
+            np.testing.assert_array_equal(got.scores(metric), one.scores(metric), err_msg=metric)
+        else:
+            np.testing.assert_allclose(got.scores(metric), one.scores(metric), atol=1e-12, rtol=0, err_msg=metric)
+
+
+def test_processes_must_be_positive():
+    import yaml
+
+    from layerprune.params import parse_params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert parse_params(raw).similarity.processes == 1
+    raw["similarity"]["processes"] = 0
+    with pytest.raises(UserError, match=r"^params.yaml: similarity.processes=0: Input should be greater than 0$"):
+        parse_params(raw)

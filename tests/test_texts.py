@@ -66,15 +66,49 @@ def test_jsonl_round_trip_keeps_non_latin_text(tmp_path):
     assert read_jsonl(tmp_path / "x.jsonl") == rows
 
 
+def hub(folder, config="20231101.es", **kwargs):
+    return fetch_hub(str(folder), config, **{"max_articles": 5, "shuffle_buffer": 100, "seed": 0, **kwargs})
+
+
 def test_hub_path_reads_a_local_copy_in_the_hub_layout(tmp_path):
     rows = [{"id": str(i), "url": f"https://es.wikipedia.org/wiki?curid={i}", "title": f"T{i}", "text": f"Texto {i}"}
             for i in range(7)]
     write_local_wikipedia(tmp_path / "wiki", "20231101.es", rows)
-    name, got = fetch_hub(str(tmp_path / "wiki"), "20231101", "es", max_articles=5)
+    name, got = hub(tmp_path / "wiki")
     assert name.endswith("20231101.es")
-    assert [a["text"] for a in got] == [f"Texto {i}" for i in range(5)]
+    assert len(got) == 5 and {a["text"] for a in got} <= {f"Texto {i}" for i in range(7)}
+    assert all(a["title"] == f"T{a['id']}" and a["text"] == f"Texto {a['id']}" for a in got)  # rows stay whole
     with pytest.raises(UserError, match="20231101.de"):
-        fetch_hub(str(tmp_path / "wiki"), "20231101", "de", max_articles=5)
+        hub(tmp_path / "wiki", "20231101.de")
+
+
+def test_hub_stream_is_sampled_at_random_not_in_dump_order(tmp_path):
+    rows = [{"id": str(i), "title": "", "text": f"Texto {i}"} for i in range(200)]
+    write_local_wikipedia(tmp_path / "wiki", "20231101.es", rows)
+    first = [a["id"] for a in hub(tmp_path / "wiki", max_articles=20, seed=1)[1]]
+    assert first == [a["id"] for a in hub(tmp_path / "wiki", max_articles=20, seed=1)[1]]  # seeded
+    assert first != [a["id"] for a in hub(tmp_path / "wiki", max_articles=20, seed=2)[1]]
+    assert first != [str(i) for i in range(20)] and max(map(int, first)) >= 20
+
+
+def test_another_schema_through_config_and_text_column(tmp_path):
+    """A FineWeb-2-like layout: config named by language and script, the text in `content`, no id column."""
+    rows = [{"content": f"Texto número {i}", "url": f"u{i}"} for i in range(6)] + [{"content": "Texto número 0", "url": "dup"}]
+    write_local_wikipedia(tmp_path / "fw", "spa_Latn", rows)
+    name, got = hub(tmp_path / "fw", "spa_Latn", text_column="content", max_articles=7)
+    assert name.endswith(":spa_Latn") and len(got) == 7
+    ids = {a["text"]: a["id"] for a in got}
+    assert len(ids) == 6 and all(article_id.startswith("sha1:") for article_id in ids.values())
+    # the id is a hash of the text: the same text gets the same id (so the sample step sees it as a duplicate)
+    assert sum(a["id"] == ids["Texto número 0"] for a in got) == 2
+    again = dict((a["text"], a["id"]) for a in hub(tmp_path / "fw", "spa_Latn", text_column="content", seed=5)[1])
+    assert all(ids[text] == article_id for text, article_id in again.items())
+
+
+def test_missing_text_column_names_the_key_and_the_columns(tmp_path):
+    write_local_wikipedia(tmp_path / "fw", "spa_Latn", [{"content": "Texto", "url": "u"}])
+    with pytest.raises(UserError, match=r"^data.text_column='text': no such column .*; columns: content, url$"):
+        hub(tmp_path / "fw", "spa_Latn")
 
 
 def test_more_calibration_texts_leave_the_held_out_set_alone():

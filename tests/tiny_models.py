@@ -41,3 +41,17 @@ def _build(config, seed):
 
 
 ALL_LAYOUTS = {"llama": tiny_llama, "gemma3": tiny_gemma3, "falcon": tiny_falcon11b}
+
+
+def word_tokenizer(vocab_size: int, bos: bool = False):
+    """A word-level tokenizer: word `w<i>` is token i (3 <= i < vocab_size), so random token ids are a text;
+    [UNK] is 0, </s> (EOS) 1 and <s> 2, which it puts in front of every text when `bos`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "</s>": 1, "<s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, "[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>", bos_token="<s>")

@@ -1,0 +1,452 @@
+"""Heal the cut: continued training of the pruned model in its language, through the transformers Trainer.
+
+What is ours and why: packing the language's articles into fixed-length blocks (held-out articles excluded),
+choosing which weights train (the layers around each cut, all layers, or LoRA through peft), a loss that can skip
+most of the 262k-token head (logit losses on every k-th position, or matching the base model's hidden state just
+above each cut, which needs no head at all), and the checkpoint fingerprint that lets a killed heal resume only when
+the params, the input files and this code are unchanged. The loop, data parallelism, checkpoints and logging are
+the Trainer's.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import DVCLiveCallback
+
+from layerprune.choose import runs
+from layerprune.errors import UserError
+
+FINGERPRINT = "fingerprint.json"
+# What the DVCLive log keeps: numbers that repeat exactly between identical runs (no runtimes, no timestamps).
+LOGGED = ("loss", "eval_loss", "learning_rate", "grad_norm")
+
+
+# ---- text: disjoint articles, packed into blocks ----
+
+
+@dataclass
+class Texts:
+    train: list[dict]
+    validation: list[dict]
+
+
+def split_texts(articles: list[dict], held_out_ids: set, validation: int, seed: int) -> Texts:
+    """The language's articles minus the held-out ones, shuffled by seed; the first `validation` of them are the
+    validation slice (the Trainer's eval loss), the rest is training text. Blank articles are dropped."""
+    usable = [a for a in articles if a["id"] not in held_out_ids and a["text"].strip()]
+    if len(usable) <= validation:
+        raise UserError(f"heal.validation_texts={validation}, but the corpus has only {len(usable)} articles "
+                        "besides the held-out ones")
+    random.Random(seed).shuffle(usable)
+    return Texts(train=usable[validation:], validation=usable[:validation])
+
+
+def pack(token_ids: list[list[int]], seq_len: int, eos_id: int | None, bos_id: int | None = None) -> torch.Tensor:
+    """(blocks, seq_len): the texts one after another, each closed by EOS, cut into full blocks (the rest dropped).
+
+    With bos_id, every block starts with BOS and holds seq_len - 1 tokens of the stream: a block that starts
+    mid-text would otherwise lack the token that models like Gemma use as their attention sink."""
+    stream = []
+    for ids in token_ids:
+        stream.extend(ids)
+        if eos_id is not None and (not ids or ids[-1] != eos_id):
+            stream.append(eos_id)
+    width = seq_len - (bos_id is not None)
+    blocks = torch.tensor(stream[: len(stream) // width * width], dtype=torch.long).view(-1, width)
+    if bos_id is not None:
+        blocks = torch.cat([torch.full((len(blocks), 1), bos_id), blocks], dim=1)
+    return blocks
+
+
+def tokenize_texts(tokenizer, articles: list[dict]) -> list[list[int]]:
+    return tokenizer([a["text"] for a in articles])["input_ids"]
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, index):
+        # labels only tell the Trainer's evaluation that there is a loss to compute; compute_loss uses input_ids
+        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+# ---- the budget ----
+
+
+def plan_steps(heal, available_blocks: int) -> int:
+    """Optimizer steps that the token budget buys; a budget beyond the text is an error unless heal.repeat."""
+    per_step = heal.batch_size * heal.accumulation * heal.seq_len
+    steps = heal.tokens // per_step
+    if heal.tokens and not steps:
+        raise UserError(f"heal.tokens={heal.tokens} is less than one step of heal.batch_size × heal.accumulation × "
+                        f"heal.seq_len = {heal.batch_size} × {heal.accumulation} × {heal.seq_len} = {per_step} "
+                        "tokens")
+    needed = steps * heal.batch_size * heal.accumulation
+    if needed > available_blocks and not heal.repeat:
+        raise UserError(f"heal.tokens={heal.tokens} needs {needed} blocks of heal.seq_len={heal.seq_len}, but the "
+                        f"training text packs into {available_blocks} ({available_blocks * heal.seq_len} tokens); "
+                        "lower heal.tokens or set heal.repeat: true")
+    return steps
+
+
+# ---- which weights train ----
+
+
+def cuts(dropped) -> list[int]:
+    """Where each cut lies in the pruned model: a run of dropped base layers starting at s is a cut between pruned
+    layers p - 1 and p, where p is the number of base layers kept below s."""
+    positions, dropped_below = [], 0
+    for first, stop in runs(dropped):
+        positions.append(first - dropped_below)
+        dropped_below += stop - first
+    return positions
+
+
+def cut_layers(dropped: list[int], num_pruned_layers: int, per_side: int) -> list[int]:
+    """Pruned-model indices of the `per_side` layers before and after each cut."""
+    selected = set()
+    for p in cuts(dropped):
+        selected.update(range(max(0, p - per_side), min(num_pruned_layers, p + per_side)))
+    return sorted(selected)
+
+
+def matched_states(dropped: list[int], num_pruned_layers: int, per_side: int) -> list[tuple[int, int]]:
+    """(pruned, base) indices into HF's hidden_states of the state above each cut's trained layers.
+
+    If the pruned model reproduced the base there, every layer above would see what it saw in the base model: the
+    output of the top trained layer of each cut is where the `hidden` loss compares the two."""
+    kept = [layer for layer in range(num_pruned_layers + len(set(dropped))) if layer not in set(dropped)]
+    tops = [min(p + per_side, num_pruned_layers) - 1 for p in cuts(dropped)]  # the highest trained layer above
+    return [(top + 1, kept[top] + 1) for top in tops]  # hidden_states[k] is the output of layer k - 1
+
+
+def select_trainable(model, heal, cut: list[int]):
+    """Freeze all but the chosen weights; returns the model to train (a peft model for LoRA)."""
+    from layerprune.similarity import decoder_layers
+
+    layers = decoder_layers(model)
+    if heal.trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        names = [n for n, m in layers.named_modules() if isinstance(m, torch.nn.Linear)]
+        config = LoraConfig(r=heal.lora_rank, lora_alpha=heal.lora_alpha, lora_dropout=0.0,
+                            target_modules=sorted({n.rsplit(".", 1)[-1] for n in names}),
+                            layers_to_transform=cut)
+        return get_peft_model(model, config)
+    model.requires_grad_(False)
+    # "all" is every decoder layer; the embedding table (tied to the 262k-token head on Gemma: 63% of the 270M
+    # model's weights) stays frozen: the cut is in the layers, and Adam moments for it would triple the memory.
+    for index in range(len(layers)) if heal.trainable == "all" else cut:
+        layers[index].requires_grad_(True)
+    return model
+
+
+# ---- the objective ----
+
+
+class HealTrainer(Trainer):
+    """The Trainer with our loss: lm (next-token cross-entropy), kl (to the base model's next-token distribution)
+    on every `head_every`-th position, and hidden (the base model's hidden state above each cut, `matched` from
+    matched_states, on every position, without the head). Evaluation is always the plain lm loss."""
+
+    def __init__(self, *args, heal, teacher=None, matched=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.heal, self.teacher, self.matched = heal, teacher, matched
+        # Our losses are means over equal-sized micro-batches, so the Trainer's division by the accumulation
+        # steps is exact; without this it would expect a sum over tokens from a model that takes loss kwargs.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs["input_ids"]
+        if not model.training:
+            outputs = model(input_ids=ids, labels=ids)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        weights = self.heal.loss
+        every = self.heal.head_every
+        # Rotate the positions with the step, so over `every` steps the logit losses see every position.
+        positions = torch.arange(self.state.global_step % every, ids.shape[1] - 1, every, device=ids.device)
+        if not (weights.lm or weights.kl):
+            positions = positions[:0]  # hidden only: the head is never computed
+        outputs = model(input_ids=ids, logits_to_keep=positions, output_hidden_states=bool(weights.hidden))
+        loss = 0.0
+        if weights.lm:
+            logits = outputs.logits.float()
+            loss = loss + weights.lm * F.cross_entropy(logits.flatten(0, 1), ids[:, positions + 1].flatten())
+        if weights.kl or weights.hidden:
+            with torch.no_grad():
+                target = self.teacher(input_ids=ids, logits_to_keep=positions,
+                                      output_hidden_states=bool(weights.hidden))
+            if weights.kl:
+                student, teacher = (F.log_softmax(o.logits.float(), -1).flatten(0, 1) for o in (outputs, target))
+                loss = loss + weights.kl * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+            for mine, theirs in self.matched if weights.hidden else ():
+                mine, theirs = outputs.hidden_states[mine].float(), target.hidden_states[theirs].float()
+                # squared error relative to each token's norm: residual-stream norms differ a lot between tokens
+                error = (mine - theirs).pow(2).sum(-1) / theirs.pow(2).sum(-1).clamp(min=1e-12)
+                loss = loss + weights.hidden * error.mean() / len(self.matched)
+        return (loss, outputs) if return_outputs else loss
+
+
+class NonFinite(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise UserError(f"heal: the training loss is {loss} at step {state.global_step} with learning rate "
+                            f"{logs.get('learning_rate', args.learning_rate):.3g}; lower heal.learning_rate "
+                            "or add warm-up (heal.warmup)")
+
+
+class EvaluateLast(TrainerCallback):
+    """The validation loss at the last step too, whatever heal.eval_every is: it is the result."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            control.should_evaluate = True
+
+
+class CurveLog(DVCLiveCallback):
+    """DVCLive's Trainer callback, keeping only numbers that repeat between identical runs, indexed by optimizer
+    step. On resume it rewrites the log from the checkpoint's history, so a killed and resumed heal leaves the same
+    files as an uninterrupted one (rows logged after the last checkpoint would otherwise appear twice)."""
+
+    def __init__(self, log_dir):
+        from dvclive import Live
+
+        super().__init__(live=Live(str(log_dir), save_dvc_exp=False, dvcyaml=None))
+
+    def setup(self, args, state, model):
+        self._initialized = True  # params are in params.yaml already; DVCLive's copy would hold local paths
+        if state.is_world_process_zero:
+            for logs in state.log_history:
+                self._write(state, logs, logs["step"])
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if not self._initialized:
+            self.setup(args, state, model)
+        if state.is_world_process_zero:
+            self._write(state, logs, state.global_step)
+
+    def _write(self, state, logs, step):
+        kept = {key: value for key, value in logs.items() if key in LOGGED}
+        if kept:
+            self.live.step = step
+            for key, value in kept.items():
+                self.live.log_metric(f"{'eval' if key.startswith('eval_') else 'train'}/{key.removeprefix('eval_')}",
+                                     value)
+            self.live.make_summary()
+
+
+# ---- checkpoints that belong to their inputs ----
+
+
+def fingerprint(heal, inputs: list[Path]) -> str:
+    """A hash of the heal params, the bytes of every input file (models, texts, the cut) and this module's code."""
+    digest = hashlib.sha256(json.dumps(heal.model_dump(exclude={"processes"}), sort_keys=True).encode())
+    digest.update(Path(__file__).read_bytes())
+    for root in inputs:
+        for path in sorted(Path(root).rglob("*")) if Path(root).is_dir() else [Path(root)]:
+            if path.is_file():
+                digest.update(path.name.encode())
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resume_point(checkpoints: Path, expected: str) -> str | None:
+    """The last complete checkpoint made with this fingerprint; any other checkpoint is deleted (a fresh start).
+
+    A checkpoint is complete once its trainer_state.json exists: the Trainer writes that file last."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    stamp = checkpoints / FINGERPRINT
+    if not stamp.exists() or json.loads(stamp.read_text())["fingerprint"] != expected:
+        for old in checkpoints.iterdir():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        stamp.write_text(json.dumps({"fingerprint": expected}) + "\n")
+        return None
+    done = [d for d in checkpoints.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
+    return str(max(done, key=lambda d: int(d.name.split("-")[1]))) if done else None
+
+
+# ---- the run ----
+
+
+def training_arguments(heal, steps: int, checkpoints: Path, device: str) -> TrainingArguments:
+    cuda = device == "cuda"
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=steps,
+        # Every process reads the same global batch and takes its share (split_batches), in one fixed order: the
+        # loss curve does not depend on the number of processes.
+        per_device_train_batch_size=heal.batch_size,
+        per_device_eval_batch_size=heal.batch_size,
+        prediction_loss_only=True,
+        accelerator_config={"split_batches": True},
+        train_sampling_strategy="sequential",  # the blocks are shuffled by heal.seed when packed
+        gradient_accumulation_steps=heal.accumulation,
+        learning_rate=heal.learning_rate,
+        lr_scheduler_type=heal.schedule,
+        warmup_steps=round(heal.warmup * steps),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=heal.seed,
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # a non-finite loss must reach NonFinite, not be averaged away
+        eval_strategy="steps",
+        eval_steps=heal.eval_every,
+        eval_on_start=True,
+        save_strategy="steps",
+        save_steps=heal.save_every,
+        save_total_limit=1,
+        report_to=[],
+        disable_tqdm=False,
+        use_cpu=not cuda,
+        bf16=cuda,
+        # ddp_backend left to accelerate: gloo on CPU, nccl on CUDA
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def save_healed(model, pruned_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    """Weights in the pruned model's dtype, and every other file (config, tokenizer) copied from the pruned model:
+    the healed folder has the same config, and loads wherever the pruned one does."""
+    model.to(dtype).save_pretrained(out_dir)
+    for path in Path(pruned_dir).iterdir():
+        if path.is_file() and not path.name.endswith(".safetensors") and not path.name.endswith(".index.json"):
+            shutil.copy2(path, out_dir / path.name)
+
+
+def link_files(src: Path, out_dir: Path) -> None:
+    """heal.tokens = 0: the healed model is the pruned one, as hard links (no copy of the weights)."""
+    for path in Path(src).iterdir():
+        if path.is_file():
+            os.link(path, out_dir / path.name)
+
+
+@dataclass
+class Result:
+    steps: int
+    tokens: int
+    trainable_parameters: int
+    train_loss: float | None  # the objective at the last step
+    validation_loss: dict[int, float]  # step -> lm loss on the validation slice, nats per token
+    resumed_from: int  # step of the checkpoint this run started from (0: fresh)
+    train_seconds: float
+    is_main_process: bool = True
+
+    def metrics(self) -> dict:
+        """What repeats between identical runs at the precision written (metrics/heal.json, in git)."""
+        first, last = (self.validation_loss[min(self.validation_loss)], self.validation_loss[max(self.validation_loss)]
+                       ) if self.validation_loss else (None, None)
+        four = lambda x: None if x is None else round(x, 4)  # noqa: E731
+        return {"tokens": self.tokens, "steps": self.steps, "trainable_parameters": self.trainable_parameters,
+                "train_loss": four(self.train_loss),
+                "validation_loss": {"before": four(first), "after": four(last)}}
+
+    def timing(self) -> dict:
+        trained = (self.steps - self.resumed_from) * (self.tokens // max(self.steps, 1))
+        return {"train_seconds": self.train_seconds, "resumed_from_step": self.resumed_from,
+                "tokens_per_second": trained / self.train_seconds if self.train_seconds else 0.0}
+
+
+def training_data(heal, tokenizer, articles, held_out_ids) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(training blocks in training order, validation blocks, optimizer steps) for the heal params."""
+    texts = split_texts(articles, held_out_ids, heal.validation_texts, heal.seed)
+    train = pack(tokenize_texts(tokenizer, texts.train), heal.seq_len, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    steps = plan_steps(heal, len(train))
+    # The blocks in one seeded order, repeated when heal.repeat allows: the sampler is sequential.
+    needed = steps * heal.batch_size * heal.accumulation
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(heal.seed))
+    train = train[order.repeat(math.ceil(needed / len(train)))[:needed]] if needed else train[:0]
+    validation = pack(tokenize_texts(tokenizer, texts.validation), heal.seq_len, tokenizer.eos_token_id,
+                      tokenizer.bos_token_id)
+    # whole batches only: a short last batch would be padded with repeats when split over processes
+    validation = validation[: len(validation) // heal.batch_size * heal.batch_size]
+    if not len(validation):
+        raise UserError(f"heal.validation_texts={heal.validation_texts}: the validation articles fill fewer than "
+                        f"heal.batch_size={heal.batch_size} blocks of heal.seq_len={heal.seq_len}; use more")
+    return train, validation, steps
+
+
+def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, checkpoints, log_dir, out_dir,
+               device: str, fingerprint_inputs) -> Result:
+    """Train the pruned model as heal params say and write it to out_dir (rank 0); resumes from `checkpoints`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from layerprune.files import atomic_dir
+
+    config = AutoConfig.from_pretrained(pruned_dir)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and heal.seq_len > context:
+        raise UserError(f"heal.seq_len={heal.seq_len} is above the model's context (max_position_embeddings={context})")
+    train, validation, steps = training_data(heal, AutoTokenizer.from_pretrained(pruned_dir), articles, held_out_ids)
+    if steps == 0:
+        with atomic_dir(out_dir) as tmp:
+            link_files(pruned_dir, tmp)
+        for empty in (checkpoints, log_dir):  # DVC outputs, even when nothing trains
+            shutil.rmtree(empty, ignore_errors=True)
+            Path(empty).mkdir(parents=True)
+        return Result(0, 0, 0, None, {}, 0, 0.0)
+
+    args = training_arguments(heal, steps, Path(checkpoints), device)
+    if heal.batch_size % args.world_size:
+        raise UserError(f"heal.batch_size={heal.batch_size} does not split over {args.world_size} processes")
+    stamp = Path(checkpoints) / FINGERPRINT
+    with args.main_process_first(local=False, desc="checkpoint fingerprint"):
+        # Rank 0 hashes the inputs and clears foreign checkpoints first; the others then take what it wrote.
+        main = args.process_index == 0
+        expected = fingerprint(heal, fingerprint_inputs) if main else json.loads(stamp.read_text())["fingerprint"]
+        start = resume_point(Path(checkpoints), expected)
+    args.eval_on_start = start is None  # a resumed run has the step-0 evaluation in its history already
+
+    # fp32 master weights; on CUDA the Trainer computes in bf16 (args.bf16)
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32)
+    num_layers = config.get_text_config().num_hidden_layers
+    cut = cut_layers(dropped, num_layers, heal.cut_layers)
+    model = select_trainable(model, heal, cut)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    teacher = None
+    if heal.loss.kl or heal.loss.hidden:
+        teacher_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        teacher = AutoModelForCausalLM.from_pretrained(base_dir, dtype=teacher_dtype).to(args.device).eval()
+        teacher.requires_grad_(False)
+    # The curve is written beside the checkpoints (it is rebuilt from them on resume) and published at the end,
+    # so a heal that stops on a bad loss records nothing.
+    curve_dir = Path(checkpoints) / "dvclive"
+    callbacks = [NonFinite(), EvaluateLast()] + ([CurveLog(curve_dir)] if args.process_index == 0 else [])
+    trainer = HealTrainer(model=model, args=args, train_dataset=Blocks(train), eval_dataset=Blocks(validation),
+                          heal=heal, teacher=teacher, matched=matched_states(dropped, num_layers, heal.cut_layers),
+                          callbacks=callbacks)
+    output = trainer.train(resume_from_checkpoint=start)
+    history = trainer.state.log_history
+    if args.process_index == 0:
+        final = model.merge_and_unload() if heal.trainable == "lora" else model
+        with atomic_dir(out_dir) as tmp:
+            save_healed(final, pruned_dir, tmp, getattr(config, "dtype", None) or torch.float32)
+        with atomic_dir(log_dir) as tmp:
+            shutil.copytree(curve_dir, tmp, dirs_exist_ok=True)
+    losses = [h["loss"] for h in history if "loss" in h]
+    return Result(
+        steps=steps,
+        tokens=len(train) * heal.seq_len,
+        trainable_parameters=trainable,
+        train_loss=losses[-1] if losses else None,
+        validation_loss={h["step"]: h["eval_loss"] for h in history if "eval_loss" in h},
+        resumed_from=int(Path(start).name.split("-")[1]) if start else 0,
+        train_seconds=output.metrics["train_runtime"],
+        is_main_process=args.process_index == 0,
+    )

@@ -1,0 +1,212 @@
+"""Which layers to drop, judged by what dropping them costs: the calibration loss of the model without them.
+
+Shortened LLaMA (Kim et al. 2024) picks the block of n layers whose removal hurts the loss least; SLEB (Song et al.
+2024) removes one layer at a time, each time the cheapest. Both need the loss of many pruned models, and a naive
+loop runs each pruned model whole. Here the candidates share a prefix: one pass of the (possibly already pruned)
+model records the hidden state entering every layer, and a candidate that drops the layers from position p on runs
+only the layers after its block, the final norm and the head, starting from the recorded state at p.
+
+Layers are removed in memory (`without_layers`), the way mergekit's passthrough slice removes them on disk: the
+kept layers keep their weights and their own per-layer config entries (Gemma 3's sliding/full `layer_types`).
+Nothing is hand-written of a model's forward pass: a candidate runs the model's own forward, with the state
+recorded at p put in place of the token embeddings (the embeddings feed the first layer it keeps).
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from layerprune.choose import Block, allowed_starts
+from layerprune.errors import UserError
+# similarity's batching, padding and hooks: the loss passes see the texts exactly as the similarity pass does
+from layerprune.similarity import _batches, _body, _Capture, _pad, decoder_layers, pad_token_id, tokenize
+from layerprune.slicing import slice_per_layer_lists
+
+
+@contextmanager
+def without_layers(model, dropped):
+    """The model with the decoder layers in `dropped` (original indices) removed, restored on exit."""
+    layers = decoder_layers(model)
+    config = model.config.get_text_config()
+    num_layers = len(layers)
+    kept = [i for i in range(num_layers) if i not in set(dropped)]
+    owner, name = next((m, n) for m in model.modules() for n, child in m.named_children() if child is layers)
+    saved = {key: getattr(config, key) for key, value in config.to_dict().items()
+             if isinstance(value, list) and len(value) == num_layers}
+    # Attention modules index the KV cache by layer_idx; lm-eval's forward passes make a cache sized for the kept
+    # layers, so each kept layer takes its new position, as in a mergekit slice.
+    numbered = [(module, position, module.layer_idx) for position, i in enumerate(kept)
+                for module in layers[i].modules() if hasattr(module, "layer_idx")]
+    setattr(owner, name, torch.nn.ModuleList(layers[i] for i in kept))
+    slice_per_layer_lists(config, kept, num_layers)
+    config.num_hidden_layers = len(kept)
+    for module, position, _ in numbered:
+        module.layer_idx = position
+    try:
+        yield model
+    finally:
+        setattr(owner, name, layers)
+        for key, value in saved.items():
+            setattr(config, key, value)
+        config.num_hidden_layers = num_layers
+        for module, _, index in numbered:
+            module.layer_idx = index
+
+
+@contextmanager
+def _embeddings_replaced(model, state: dict):
+    """While active, the token embeddings are replaced by state["hidden"] (a recorded hidden state)."""
+    handle = model.get_input_embeddings().register_forward_hook(lambda module, args, output: state["hidden"])
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _scored(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq-1) bool: the real tokens that follow a real token, i.e. the ones a next-token loss scores."""
+    return (mask[:, 1:] * mask[:, :-1]).bool()
+
+
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood over the real tokens (each predicted from the one before)."""
+    logprobs = logits[:, :-1].float().log_softmax(-1)
+    return -logprobs.gather(-1, input_ids[:, 1:, None])[..., 0][_scored(mask)].sum()
+
+
+def layer_flops(model) -> list[int]:
+    """Matmul FLOPs per token of each decoder layer: 2 per weight (attention scores, at most a few percent at the
+    lengths we score, are left out; they would only add to both sides of a comparison)."""
+    return [2 * sum(p.numel() for p in layer.parameters() if p.dim() > 1) for layer in decoder_layers(model)]
+
+
+@dataclass
+class LossSearch:
+    """Calibration loss (mean next-token NLL in nats) of the model without given layers, memoised by the dropped
+    set, with a running count of the decoder-layer FLOPs spent."""
+
+    model: object
+    token_ids: list[list[int]]
+    batch_size: int
+    pad_id: int = 0
+    progress: bool = True
+    losses: dict = field(default_factory=dict)  # frozenset of dropped layers -> loss
+    flops: int = 0
+
+    def __post_init__(self):
+        if not self.token_ids:
+            raise UserError("no texts to score (every calibration text had fewer than 2 tokens)")
+        self.num_layers = len(decoder_layers(self.model))
+        self._flops_per_token = layer_flops(self.model)
+        self._device = self.model.get_input_embeddings().weight.device
+
+    def _inputs(self, batch):
+        input_ids, mask = _pad(batch, "right", self.pad_id)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return input_ids.to(self._device), mask.to(self._device), position_ids.to(self._device)
+
+    def _count(self, layers_run, mask) -> None:
+        self.flops += int(mask.sum()) * sum(self._flops_per_token[i] for i in layers_run)
+
+    def full_loss(self, dropped) -> float:
+        """The naive way: run the whole pruned model (the reference the shared prefix must equal)."""
+        kept = [i for i in range(self.num_layers) if i not in set(dropped)]
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        with without_layers(self.model, dropped), torch.inference_mode():
+            for batch in _batches(self.token_ids, self.batch_size):
+                input_ids, mask, position_ids = self._inputs(batch)
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                    use_cache=False).logits
+                total += token_nll(logits, input_ids, mask).double().cpu()
+                count += int(_scored(mask).sum())
+                self._count(kept, mask)
+        return float(total / count)
+
+    def block_losses(self, dropped, blocks: list[tuple[int, ...]]) -> list[float]:
+        """Loss without `dropped` + each block; a block is consecutive among the layers `dropped` keeps. Blocks not
+        seen before are scored together: one pass of the model without `dropped` records the input of every kept
+        layer, then each block runs only the layers after it."""
+        dropped = frozenset(dropped)
+        kept = [i for i in range(self.num_layers) if i not in dropped]
+        todo = sorted({tuple(b) for b in blocks if dropped | set(b) not in self.losses}, key=min)
+        for block in todo:
+            first = kept.index(block[0])
+            if list(block) != kept[first : first + len(block)]:
+                raise ValueError(f"block {block} is not consecutive among the kept layers {kept}")
+        if todo:
+            self._score(dropped, kept, todo)
+        return [self.losses[dropped | set(b)] for b in blocks]
+
+    def _score(self, dropped, kept, blocks) -> None:
+        layers = decoder_layers(self.model)
+        prefix = kept[: max(kept.index(b[0]) for b in blocks)]  # the layers before the deepest block
+        sums = {block: torch.zeros((), dtype=torch.float64) for block in blocks}
+        count, state = 0, {}
+        bar = tqdm(total=len(self.token_ids) * len(blocks), unit="text×block", desc="calibration loss",
+                   disable=not self.progress, leave=False)
+        with torch.inference_mode(), bar:
+            for batch in _batches(self.token_ids, self.batch_size):
+                input_ids, mask, position_ids = self._inputs(batch)
+                inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                count += int(_scored(mask).sum())
+                states = []  # states[p]: the input of kept layer p (p = 0..len(prefix)), (batch, seq, D), padding too
+                if prefix:
+                    with without_layers(self.model, set(range(self.num_layers)) - set(prefix)), \
+                            _Capture([layers[i] for i in prefix]) as capture:
+                        capture.keep, capture.states = torch.ones_like(mask, dtype=torch.bool), []
+                        _body(self.model, layers[prefix[0]])(**inputs)  # no head: the prefix needs no logits
+                    states = [s.view(*mask.shape, -1) for s in capture.states]
+                    self._count(prefix, mask)
+                for block in blocks:
+                    position = kept.index(block[0])
+                    after = kept[position + len(block) :]
+                    # A hook that returns None leaves the embeddings alone: a block at position 0 starts from them.
+                    state["hidden"] = states[position] if position else None
+                    with without_layers(self.model, set(range(self.num_layers)) - set(after)), \
+                            _embeddings_replaced(self.model, state):
+                        logits = self.model(**inputs).logits
+                    sums[block] += token_nll(logits, input_ids, mask).double().cpu()
+                    self._count(after, mask)
+                    bar.update(len(batch))
+        for block in blocks:
+            self.losses[dropped | set(block)] = float(sums[block] / count)
+
+
+def loss_search(model, tokenizer, texts: list[str], *, search_texts: int, max_length: int, batch_size: int,
+                progress: bool = True) -> LossSearch:
+    """A LossSearch on the first `search_texts` calibration texts, tokenized as the similarity pass tokenizes them."""
+    if search_texts > len(texts):
+        raise UserError(f"prune.search_texts={search_texts}: the calibration set has only {len(texts)} texts "
+                        "(sample.calibration)")
+    token_ids, _ = tokenize(tokenizer, texts[:search_texts], max_length)
+    return LossSearch(model, token_ids, batch_size, pad_id=pad_token_id(tokenizer), progress=progress)
+
+
+def best_block(search: LossSearch, size: int, keep_first: int, keep_last: int) -> tuple[Block, dict[int, float]]:
+    """Shortened LLaMA's choice: the allowed block of `size` layers whose removal gives the lowest calibration loss
+    (the first on ties), and the loss of every allowed block by its start."""
+    starts = allowed_starts(search.num_layers, size, keep_first, keep_last)
+    losses = dict(zip(starts, search.block_losses((), [tuple(Block(start, size)) for start in starts])))
+    return Block(min(losses, key=losses.get), size), losses
+
+
+@dataclass
+class Step:
+    layer: int  # the layer this step removed
+    loss: float  # the calibration loss after removing it (and every layer before it)
+    candidates: dict[int, float]  # loss had each allowed layer been the one removed
+
+
+def iterative_removal(search: LossSearch, size: int, keep_first: int, keep_last: int) -> list[Step]:
+    """SLEB's greedy choice: `size` steps, each removing the allowed layer whose removal, on top of the layers
+    removed so far, gives the lowest calibration loss (the shallowest on ties). The layers need not be consecutive."""
+    allowed_starts(search.num_layers, size, keep_first, keep_last)  # the same room check, with the same message
+    dropped, steps = [], []
+    for _ in range(size):
+        candidates = [i for i in range(keep_first, search.num_layers - keep_last) if i not in dropped]
+        losses = dict(zip(candidates, search.block_losses(dropped, [(i,) for i in candidates])))
+        best = min(losses, key=losses.get)
+        dropped.append(best)
+        steps.append(Step(best, losses[best], losses))
+    return steps

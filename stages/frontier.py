@@ -1,0 +1,77 @@
+"""Stage `frontier`: for each n in frontier.layers and each strategy, the held-out perplexity of the base model with
+the chosen layers removed in memory, scored by lm-eval as the perplexity stages score a folder; and, per n, how well
+each similarity metric ranks blocks by calibration loss. Off the main path: nothing downstream reads it."""
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from layerprune.choose import choose_block, layers_label
+from layerprune.files import read_csv, write_csv, write_json
+from layerprune.frontier import check_sizes, frontier_rows, per_strategy, rank_correlations
+from layerprune.models import ModelInfo, load_model
+from layerprune.perplexity import evaluate_perplexity, significant
+from layerprune.search import best_block, iterative_removal, loss_search, without_layers
+from layerprune.similarity import METRICS, Distances
+from layerprune.stage import run_stage, write_timing
+from layerprune.texts import read_jsonl
+
+
+def main(params, model_info, distances, calibration, eval_texts, base_metrics, plot, metrics):
+    prune, sizes = params.prune, params.frontier.layers
+    started = time.perf_counter()
+    info = ModelInfo.load(model_info)
+    check_sizes(sizes, info.num_layers, prune.keep_first, prune.keep_last)
+    table = Distances.from_rows(read_csv(distances), num_samples=0, num_tokens=0)
+    scores = {metric: table.scores(metric) for metric in METRICS}
+    model, tokenizer = load_model(info.model_dir(), params.model.device)
+    search = loss_search(model, tokenizer, [row["text"] for row in read_jsonl(calibration)],
+                         search_texts=prune.search_texts, max_length=params.similarity.max_length,
+                         batch_size=params.similarity.batch_size)
+
+    picks, block_losses = {}, {}
+    for n in sizes:
+        for metric in METRICS:
+            picks[metric, n] = tuple(choose_block(scores[metric], info.num_layers, n, "similarity",
+                                                  prune.keep_first, prune.keep_last))
+        picks["deepest", n] = tuple(choose_block(None, info.num_layers, n, "deepest", prune.keep_first, prune.keep_last))
+        block, block_losses[n] = best_block(search, n, prune.keep_first, prune.keep_last)
+        picks["loss", n] = tuple(block)
+    # The greedy path to the largest n passes through every smaller n: one search serves them all
+    steps = iterative_removal(search, max(sizes), prune.keep_first, prune.keep_last)
+    for n in sizes:
+        picks["iterative", n] = tuple(sorted(step.layer for step in steps[:n]))
+
+    measured = {}
+    distinct = list(dict.fromkeys(picks.values()))  # strategies that agree are evaluated once
+    with tempfile.TemporaryDirectory() as work:
+        for dropped in tqdm(distinct, desc="held-out perplexity", unit="model"):
+            with without_layers(model, dropped):
+                measured[dropped] = evaluate_perplexity(
+                    model, Path(eval_texts), max_length=params.eval.max_length, batch_size=params.eval.batch_size,
+                    device=params.model.device, work_dir=Path(work), tokenizer=tokenizer)
+
+    base = json.loads(Path(base_metrics).read_text())
+    # git-tracked: four significant digits, so a rerun of the same state rewrites them unchanged
+    write_csv(plot, significant(frontier_rows(picks, {d: m["bits_per_byte"] for d, m in measured.items()},
+                                              base["bits_per_byte"])))
+    write_json(metrics, significant({
+        "spearman_vs_calibration_loss": {str(n): rank_correlations(scores, block_losses[n], n) for n in sizes},
+        "dropped_layers": per_strategy(picks, layers_label),
+        "bits_per_byte": per_strategy(picks, lambda dropped: measured[dropped]["bits_per_byte"]),
+        "word_perplexity": per_strategy(picks, lambda dropped: measured[dropped]["word_perplexity"]),
+        "calibration_loss": per_strategy(picks, lambda dropped: search.losses[frozenset(dropped)]),
+        "base": {"bits_per_byte": base["bits_per_byte"], "word_perplexity": base["word_perplexity"],
+                 "calibration_loss": search.full_loss(())},
+        "models_evaluated": len(distinct),
+        "search_texts": prune.search_texts,
+    }))
+    # CPU time of all threads beside the wall time: on a shared machine, wall seconds say more about the neighbours
+    write_timing(metrics, seconds=time.perf_counter() - started, cpu_seconds=time.process_time())
+
+
+if __name__ == "__main__":
+    run_stage(main, "model_info", "distances", "calibration", "eval_texts", "base_metrics", "plot", "metrics",
+              description=__doc__)

@@ -1,0 +1,68 @@
+"""Stage `release`: the folder to publish with `hf upload` (weights, tokenizer, config, the model card with every
+number and picture, mergekit_config.yml), base vs pruned vs healed side by side, and a copy of the card for git.
+
+The weights are those of the healed model (the pruned one's, hardlinked, when heal.tokens is 0); they are hardlinked
+here too, so editing the card reruns this stage alone, in seconds, and never copies gigabytes."""
+import os
+import shutil
+from pathlib import Path
+
+from layerprune.card import render_card
+from layerprune.files import atomic_dir, atomic_write_text, read_json, write_csv, write_json
+from layerprune.models import ModelInfo
+from layerprune.perplexity import METRICS, significant
+from layerprune.stage import run_stage
+
+
+def main(params, model_info, weights, merge_config, choice, corpus_metrics, sample_metrics, perplexity_base,
+         perplexity_pruned, heatmap, release_dir, card, plot, metrics, perplexity_healed=None, heal_metrics=None,
+         heal_curve=None):
+    perplexity = {"base": read_json(perplexity_base), "pruned": read_json(perplexity_pruned)}
+    heal = None
+    if heal_metrics is not None and read_json(heal_metrics)["tokens"]:  # heal.tokens: 0 leaves the pruned model
+        perplexity["healed"] = read_json(perplexity_healed)
+        heal = {"params": params.heal.model_dump(), "metrics": read_json(heal_metrics)}
+    images = {"similarity_heatmap.png": "Layer similarity: the distance of every block of layers; red: the cut"}
+    if heal is not None and heal_curve is not None:
+        images["heal_curve.png"] = "Healing: held-out loss against tokens trained on"
+    merge_yaml = Path(merge_config).read_text()
+    text = render_card(lang=params.lang, info=ModelInfo.load(model_info), choice=read_json(choice),
+                       corpus=read_json(corpus_metrics), sample=read_json(sample_metrics), merge_yaml=merge_yaml,
+                       perplexity=perplexity, heal=heal, images=images)
+    with atomic_dir(release_dir) as folder:
+        for file in Path(weights).iterdir():
+            if file.name not in ("README.md", "mergekit_config.yml", *images):  # written here, never into a link
+                link_or_copy(file, folder / file.name)
+        (folder / "README.md").write_text(text, encoding="utf-8")
+        (folder / "mergekit_config.yml").write_text(merge_yaml, encoding="utf-8")
+        link_or_copy(Path(heatmap), folder / "similarity_heatmap.png")
+        if "heal_curve.png" in images:
+            link_or_copy(Path(heal_curve), folder / "heal_curve.png")
+    atomic_write_text(card, text)
+    write_csv(plot, [{"model": model, **{m: values[m] for m in METRICS}} for model, values in perplexity.items()])
+    write_json(metrics, compare(perplexity))
+
+
+def compare(perplexity: dict[str, dict]) -> dict:
+    """Each model's change against the base, and the share of the pruning gap that healing closed (bits per byte)."""
+    base = perplexity["base"]
+    out = {f"{model}_vs_base": {m: significant(values[m] / base[m] - 1) for m in METRICS}
+           for model, values in perplexity.items() if model != "base"}
+    gap = perplexity["pruned"]["bits_per_byte"] - base["bits_per_byte"]
+    if "healed" in perplexity and gap > 0:
+        out["gap_closed"] = significant((perplexity["pruned"]["bits_per_byte"] - perplexity["healed"]["bits_per_byte"]) / gap)
+    return out
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hardlink where the file system allows it (same disk), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+if __name__ == "__main__":
+    run_stage(main, "model_info", "weights", "merge_config", "choice", "corpus_metrics", "sample_metrics",
+              "perplexity_base", "perplexity_pruned", "heatmap", "release_dir", "card", "plot", "metrics",
+              optional=("perplexity_healed", "heal_metrics", "heal_curve"), description=__doc__)
