@@ -73,7 +73,7 @@ def work(tmp_path_factory):
     articles = [{"id": f"a{i}", "title": "", "text": words()} for i in range(120)]
     write_jsonl(root / "corpus.jsonl", articles)
     write_jsonl(root / "eval.jsonl", articles[:10])
-    (root / "choice.json").write_text(json.dumps({"start": 3, "n": 2}))
+    (root / "choice.json").write_text(json.dumps({"dropped": [3, 4]}))
     # only local_dir matters here; the other fields of ModelInfo are left empty
     ModelInfo(**{f.name: None for f in fields(ModelInfo)} | {"local_dir": str(root / "base")}).save(root / "base.json")
     return root
