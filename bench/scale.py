@@ -357,7 +357,7 @@ class Steps:
 
         steps, batch, length = self.sizes.heal_steps, self.sizes.eval_batch_size, self.sizes.length
         params = HealParams(tokens=steps * batch * length, repeat=True, seq_len=length, batch_size=batch,
-                            learning_rate=1e-5, loss=HealLoss(lm=1.0), validation_texts=1, eval_every=steps,
+                            learning_rate=1e-5, loss=HealLoss(lm=1.0), validation_texts=batch, eval_every=steps,
                             save_every=steps)
         # The base folder is done with (the lm loss needs no teacher): its 22 GB at full size make room for the
         # Trainer's last checkpoint (fp32 master weights and Adam moments) and the healed bf16 copy.

@@ -439,6 +439,10 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
             save_healed(final, pruned_dir, tmp, getattr(config, "dtype", None) or torch.float32)
         with atomic_dir(log_dir) as tmp:
             shutil.copytree(curve_dir, tmp, dirs_exist_ok=True)
+        # Checkpoints exist for a heal to resume from; a finished heal leaves the folder empty, so that the persistent
+        # DVC output is the same after every finished heal and switching experiments does not make `heal` look changed.
+        for entry in Path(checkpoints).iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     losses = [h["loss"] for h in history if "loss" in h]
     return Result(
         steps=steps,
