@@ -15,16 +15,13 @@ from layerprune.stage import run_stage
 
 
 def main(params, model_info, weights, merge_config, choice, corpus_metrics, sample_metrics, perplexity_base,
-         perplexity_pruned, heatmap, release_dir, card, plot, metrics, perplexity_healed=None, heal_metrics=None,
-         heal_curve=None):
+         perplexity_pruned, heatmap, release_dir, card, plot, metrics, perplexity_healed=None, heal_metrics=None):
     perplexity = {"base": read_json(perplexity_base), "pruned": read_json(perplexity_pruned)}
     heal = None
     if heal_metrics is not None and read_json(heal_metrics)["tokens"]:  # heal.tokens: 0 leaves the pruned model
         perplexity["healed"] = read_json(perplexity_healed)
         heal = {"params": params.heal.model_dump(), "metrics": read_json(heal_metrics)}
     images = {"similarity_heatmap.png": "Layer similarity: the distance of every block of layers; red: the cut"}
-    if heal is not None and heal_curve is not None:
-        images["heal_curve.png"] = "Healing: held-out loss against tokens trained on"
     merge_yaml = Path(merge_config).read_text()
     text = render_card(lang=params.lang, info=ModelInfo.load(model_info), choice=read_json(choice),
                        corpus=read_json(corpus_metrics), sample=read_json(sample_metrics), merge_yaml=merge_yaml,
@@ -36,8 +33,6 @@ def main(params, model_info, weights, merge_config, choice, corpus_metrics, samp
         (folder / "README.md").write_text(text, encoding="utf-8")
         (folder / "mergekit_config.yml").write_text(merge_yaml, encoding="utf-8")
         link_or_copy(Path(heatmap), folder / "similarity_heatmap.png")
-        if "heal_curve.png" in images:
-            link_or_copy(Path(heal_curve), folder / "heal_curve.png")
     atomic_write_text(card, text)
     write_csv(plot, [{"model": model, **{m: values[m] for m in METRICS}} for model, values in perplexity.items()])
     write_json(metrics, compare(perplexity))
@@ -65,4 +60,4 @@ def link_or_copy(source: Path, target: Path) -> None:
 if __name__ == "__main__":
     run_stage(main, "model_info", "weights", "merge_config", "choice", "corpus_metrics", "sample_metrics",
               "perplexity_base", "perplexity_pruned", "heatmap", "release_dir", "card", "plot", "metrics",
-              optional=("perplexity_healed", "heal_metrics", "heal_curve"), description=__doc__)
+              optional=("perplexity_healed", "heal_metrics"), description=__doc__)
