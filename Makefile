@@ -22,7 +22,7 @@ repro: setup
 	dvc repro
 
 test: setup
-	pytest -q
+	pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	pytest -q -m "not slow"

@@ -27,6 +27,13 @@ def smollm2_dir(tmp_path_factory):
     return out
 
 
+def pytest_collection_modifyitems(items):
+    """The end-to-end module first. `make test` runs two workers, each taking one file at a time in this order
+    (--dist loadfile --no-loadscope-reorder): one worker spends the whole run on that module, the other on all the
+    rest. Left last, it would run alone at the end."""
+    items.sort(key=lambda item: item.path.name != "test_pipeline.py")
+
+
 def pytest_sessionfinish(session):
     import shutil
 

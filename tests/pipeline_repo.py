@@ -14,7 +14,9 @@ PIPELINE_FILES = ["dvc.yaml", "params.yaml", "stages", "layerprune", ".dvc/confi
 
 # Small sizes: the real embedded model and text, a fraction of the work.
 SMALL = {
-    "sample": {"calibration": 12, "eval": 4},
+    # max_chars: lm-eval scores every token of the held-out texts, whatever eval.max_length; short texts keep the
+    # perplexity stages and the frontier's evaluations to a few hundred tokens each
+    "sample": {"calibration": 12, "eval": 4, "max_chars": 400},
     "similarity": {"max_length": 32, "batch_size": 4},
     "prune": {"search_texts": 2},
     "frontier": {"layers": [1]},
