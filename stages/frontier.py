@@ -1,7 +1,6 @@
 """Stage `frontier`: for each n in frontier.layers and each strategy, the held-out perplexity of the base model with
 the chosen layers removed in memory, scored by lm-eval as the perplexity stages score a folder; and, per n, how well
 each similarity metric ranks blocks by calibration loss. Off the main path: nothing downstream reads it."""
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from layerprune.choose import choose_block, layers_label
-from layerprune.files import read_csv, write_csv, write_json
+from layerprune.files import read_csv, read_json, write_csv, write_json
 from layerprune.frontier import check_sizes, frontier_rows, per_strategy, rank_correlations
 from layerprune.models import ModelInfo, load_model
 from layerprune.perplexity import evaluate_perplexity, significant
@@ -53,7 +52,7 @@ def main(params, model_info, distances, calibration, eval_texts, base_metrics, p
                     model, Path(eval_texts), max_length=params.eval.max_length, batch_size=params.eval.batch_size,
                     device=params.model.device, work_dir=Path(work), tokenizer=tokenizer)
 
-    base = json.loads(Path(base_metrics).read_text())
+    base = read_json(base_metrics)
     # git-tracked: four significant digits, so a rerun of the same state rewrites them unchanged
     write_csv(plot, significant(frontier_rows(picks, {d: m["bits_per_byte"] for d, m in measured.items()},
                                               base["bits_per_byte"])))

@@ -1,10 +1,9 @@
 """Stage `mergekit-slice`: cut the chosen layers out of the base model with mergekit."""
-import json
 from pathlib import Path
 
 import yaml
 
-from layerprune.files import check_free_space
+from layerprune.files import check_free_space, read_json
 from layerprune.slicing import slice_model
 from layerprune.stage import run_stage
 
@@ -14,7 +13,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def main(params, merge_config, choice, pruned_dir):
     pruned_dir = Path(pruned_dir)
-    parameters_after = json.loads(Path(choice).read_text())["parameters_after"]
+    parameters_after = read_json(choice)["parameters_after"]
     check_free_space(pruned_dir.parent, parameters_after * DTYPE_BYTES[params.slice.dtype], "the pruned model")
     slice_model(yaml.safe_load(Path(merge_config).read_text()), pruned_dir)
 

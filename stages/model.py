@@ -1,17 +1,15 @@
 """Stage `model`: make the base model a local directory that mergekit and lm-eval read like any hub model."""
-import json
-from pathlib import Path
 
 from transformers import AutoConfig
 
-from layerprune.files import atomic_dir, atomic_write_text
+from layerprune.files import atomic_dir, atomic_write_text, read_json
 from layerprune.models import describe, export_bundled, resolve_hub_model
 from layerprune.slicing import check_sliceable
 from layerprune.stage import run_stage
 
 
 def main(params, source, model_dir, info):
-    source = json.loads(Path(source).read_text())
+    source = read_json(source)
     if source["kind"] == "bundled":
         with atomic_dir(model_dir) as tmp:
             export_bundled(source["id"], tmp)
