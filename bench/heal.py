@@ -72,7 +72,7 @@ def bits_per_byte(model_dir, pipeline: Path, work: Path) -> float:
 def validation_blocks(heal, tokenizer, pipeline: Path) -> torch.Tensor:
     """The stage's validation slice, packed as the stage packs it."""
     held_out = {row["id"] for row in read_jsonl(pipeline / "data/eval.jsonl")}
-    return training_data(heal, tokenizer, read_jsonl(pipeline / "data/corpus.jsonl"), held_out)[1]
+    return training_data(heal, tokenizer, read_jsonl(pipeline / "data/corpus.jsonl"), held_out).validation
 
 
 @torch.no_grad()
@@ -102,7 +102,7 @@ def overhead(heal, pipeline: Path, work: Path) -> dict:
             pipeline / ModelInfo.load(pipeline / "models/base.json").model_dir(), dtype=torch.float32).eval()
     held_out = {row["id"] for row in read_jsonl(pipeline / "data/eval.jsonl")}
     train = training_data(heal, AutoTokenizer.from_pretrained(pruned), read_jsonl(pipeline / "data/corpus.jsonl"),
-                          held_out)[0]
+                          held_out).train
     batches = train[: OVERHEAD_STEPS * heal.batch_size]  # both sides take the same OVERHEAD_STEPS steps
     args = training_arguments(heal, OVERHEAD_STEPS, work / "overhead", "cpu")
     args.eval_strategy, args.save_strategy, args.eval_on_start, args.disable_tqdm = "no", "no", False, True

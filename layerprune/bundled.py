@@ -57,7 +57,12 @@ def sentence_file() -> Path:
     return package_dir("eld") / "tests" / "data" / "big-test.txt"
 
 
+# eld's lines that are not text: lang=lo is refused with this reason rather than failing in the sample stage.
+NOT_TEXT = {"lo": "eld's 1,000 Lao lines are single words (median 4 characters), not sentences"}
+
+
 def bundled_languages() -> list[str]:
+    """Languages with bundled text that every stage can run on at the default params (tests/test_languages.py)."""
     with open(sentence_file(), encoding="utf-8") as f:
         sentence_langs = {line.split("\t", 1)[0] for line in f}
-    return sorted(sentence_langs | set(WIKI_OFFLINE_LANGS))
+    return sorted((sentence_langs | set(WIKI_OFFLINE_LANGS)) - set(NOT_TEXT))

@@ -115,7 +115,9 @@ def _method(choice: dict) -> str:
 def _heal_summary(heal: dict) -> str:
     p, m = heal["params"], heal["metrics"]
     objective = " + ".join(f"{weight} × {name}" for name, weight in p["loss"].items() if weight)
-    return f"{m['tokens']:,} tokens of training ({objective}), trainable: `{p['trainable']}`"
+    short = (f", {m['shortfall']:,} short of the {p['tokens']:,}-token budget: one pass over all the text there was"
+             if m.get("shortfall") else "")
+    return f"{m['tokens']:,} tokens of training ({objective}){short}, trainable: `{p['trainable']}`"
 
 
 def _heal_section(heal: dict) -> str:

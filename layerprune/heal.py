@@ -32,23 +32,6 @@ LOGGED = ("loss", "eval_loss", "learning_rate", "grad_norm")
 # ---- text: disjoint articles, packed into blocks ----
 
 
-@dataclass
-class Texts:
-    train: list[dict]
-    validation: list[dict]
-
-
-def split_texts(articles: list[dict], held_out_ids: set, validation: int, seed: int) -> Texts:
-    """The language's articles minus the held-out ones, shuffled by seed; the first `validation` of them are the
-    validation slice (the Trainer's eval loss), the rest is training text. Blank articles are dropped."""
-    usable = [a for a in articles if a["id"] not in held_out_ids and a["text"].strip()]
-    if len(usable) <= validation:
-        raise UserError(f"heal.validation_texts={validation}, but the corpus has only {len(usable)} articles "
-                        "besides the held-out ones")
-    random.Random(seed).shuffle(usable)
-    return Texts(train=usable[validation:], validation=usable[:validation])
-
-
 def pack(token_ids: list[list[int]], seq_len: int, eos_id: int | None, bos_id: int | None = None) -> torch.Tensor:
     """(blocks, seq_len): the texts one after another, each closed by EOS, cut into full blocks (the rest dropped).
 
@@ -86,18 +69,22 @@ class Blocks(torch.utils.data.Dataset):
 
 
 def plan_steps(heal, available_blocks: int) -> int:
-    """Optimizer steps that the token budget buys; a budget beyond the text is an error unless heal.repeat."""
-    per_step = heal.batch_size * heal.accumulation * heal.seq_len
-    steps = heal.tokens // per_step
+    """Optimizer steps for the heal params: what the token budget buys, or fewer when the training text runs out
+    first. Without heal.repeat the heal then trains one pass over the text and the shortfall is recorded (the
+    bundled text of most languages is 1,000 short sentences, less than the default budget); with it, the text is
+    read again until the budget is spent."""
+    blocks_per_step = heal.batch_size * heal.accumulation
+    steps = heal.tokens // (blocks_per_step * heal.seq_len)
     if heal.tokens and not steps:
         raise UserError(f"heal.tokens={heal.tokens} is less than one step of heal.batch_size × heal.accumulation × "
-                        f"heal.seq_len = {heal.batch_size} × {heal.accumulation} × {heal.seq_len} = {per_step} "
-                        "tokens")
-    needed = steps * heal.batch_size * heal.accumulation
-    if needed > available_blocks and not heal.repeat:
-        raise UserError(f"heal.tokens={heal.tokens} needs {needed} blocks of heal.seq_len={heal.seq_len}, but the "
-                        f"training text packs into {available_blocks} ({available_blocks * heal.seq_len} tokens); "
-                        "lower heal.tokens or set heal.repeat: true")
+                        f"heal.seq_len = {heal.batch_size} × {heal.accumulation} × {heal.seq_len} = "
+                        f"{blocks_per_step * heal.seq_len} tokens")
+    if not heal.repeat:
+        steps = min(steps, available_blocks // blocks_per_step)
+    if heal.tokens and not (steps and available_blocks):
+        raise UserError(f"heal: the training text packs into {available_blocks} blocks of heal.seq_len={heal.seq_len}, "
+                        f"fewer than one step of heal.batch_size × heal.accumulation = {blocks_per_step}; lower "
+                        "heal.seq_len or heal.batch_size, or fetch more text (data.max_articles)")
     return steps
 
 
@@ -346,6 +333,8 @@ class Result:
     validation_loss: dict[int, float]  # step -> lm loss on the validation slice, nats per token
     resumed_from: int  # step of the checkpoint this run started from (0: fresh)
     train_seconds: float
+    shortfall: int = 0  # tokens of heal.tokens not trained: the text ran out (one pass, heal.repeat: false)
+    validation_texts: int = 0  # articles in the validation slice
     is_main_process: bool = True
 
     def metrics(self) -> dict:
@@ -353,7 +342,8 @@ class Result:
         first, last = (self.validation_loss[min(self.validation_loss)], self.validation_loss[max(self.validation_loss)]
                        ) if self.validation_loss else (None, None)
         four = lambda x: None if x is None else round(x, 4)  # noqa: E731
-        return {"tokens": self.tokens, "steps": self.steps, "trainable_parameters": self.trainable_parameters,
+        return {"tokens": self.tokens, "shortfall": self.shortfall, "steps": self.steps,
+                "trainable_parameters": self.trainable_parameters, "validation_texts": self.validation_texts,
                 "train_loss": four(self.train_loss),
                 "validation_loss": {"before": four(first), "after": four(last)}}
 
@@ -363,23 +353,58 @@ class Result:
                 "tokens_per_second": trained / self.train_seconds if self.train_seconds else 0.0}
 
 
-def training_data(heal, tokenizer, articles, held_out_ids) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(training blocks in training order, validation blocks, optimizer steps) for the heal params."""
-    texts = split_texts(articles, held_out_ids, heal.validation_texts, heal.seed)
-    train = pack(tokenize_texts(tokenizer, texts.train), heal.seq_len, tokenizer.eos_token_id, tokenizer.bos_token_id)
+@dataclass
+class HealData:
+    train: torch.Tensor  # (blocks, seq_len) in training order: every block one optimizer step reads
+    validation: torch.Tensor  # (blocks, seq_len), whole batches
+    steps: int
+    validation_texts: int  # articles in the validation slice (at least heal.validation_texts)
+
+    def shortfall(self, heal) -> int:
+        """Tokens of the budget left untrained because the text ran out (heal.repeat: false)."""
+        return heal.tokens - len(self.train) * heal.seq_len if self.steps else 0
+
+
+def stream_lengths(token_ids: list[list[int]], eos_id: int | None) -> list[int]:
+    """Tokens each text adds to pack()'s stream (its EOS included)."""
+    return [len(ids) + (eos_id is not None and (not ids or ids[-1] != eos_id)) for ids in token_ids]
+
+
+def validation_size(lengths: list[int], minimum: int, tokens_needed: int) -> int:
+    """How many texts (in order) form the validation slice: at least `minimum`, and as many more as it takes to
+    pack `tokens_needed` tokens, one batch of blocks: 16 Wikipedia articles do, 16 short news sentences do not."""
+    total = 0
+    for count, length in enumerate(lengths, start=1):
+        total += length
+        if count >= minimum and total >= tokens_needed:
+            return count
+    return len(lengths) + 1  # not enough text: the caller says so
+
+
+def training_data(heal, tokenizer, articles, held_out_ids) -> HealData:
+    """The language's articles minus the held-out ones and blank ones, shuffled by heal.seed; the first of them form
+    the validation slice (the Trainer's eval loss), the rest is packed into training blocks, in one seeded order."""
+    usable = [a for a in articles if a["id"] not in held_out_ids and a["text"].strip()]
+    random.Random(heal.seed).shuffle(usable)
+    token_ids = tokenize_texts(tokenizer, usable)
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    width = heal.seq_len - (bos is not None)
+    count = validation_size(stream_lengths(token_ids, eos), heal.validation_texts, heal.batch_size * width)
+    if count >= len(usable):
+        raise UserError(f"heal.validation_texts={heal.validation_texts}: the {len(usable)} articles besides the "
+                        f"held-out ones cannot fill one batch of heal.batch_size={heal.batch_size} validation blocks "
+                        f"of heal.seq_len={heal.seq_len} and leave text to train on; lower heal.batch_size or "
+                        "heal.seq_len, or fetch more text")
+    validation = pack(token_ids[:count], heal.seq_len, eos, bos)
+    # whole batches only: a short last batch would be padded with repeats when split over processes
+    validation = validation[: len(validation) // heal.batch_size * heal.batch_size]
+    train = pack(token_ids[count:], heal.seq_len, eos, bos)
     steps = plan_steps(heal, len(train))
     # The blocks in one seeded order, repeated when heal.repeat allows: the sampler is sequential.
     needed = steps * heal.batch_size * heal.accumulation
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(heal.seed))
     train = train[order.repeat(math.ceil(needed / len(train)))[:needed]] if needed else train[:0]
-    validation = pack(tokenize_texts(tokenizer, texts.validation), heal.seq_len, tokenizer.eos_token_id,
-                      tokenizer.bos_token_id)
-    # whole batches only: a short last batch would be padded with repeats when split over processes
-    validation = validation[: len(validation) // heal.batch_size * heal.batch_size]
-    if not len(validation):
-        raise UserError(f"heal.validation_texts={heal.validation_texts}: the validation articles fill fewer than "
-                        f"heal.batch_size={heal.batch_size} blocks of heal.seq_len={heal.seq_len}; use more")
-    return train, validation, steps
+    return HealData(train, validation, steps, count)
 
 
 def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, checkpoints, log_dir, out_dir,
@@ -393,7 +418,8 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
     if context is not None and heal.seq_len > context:
         raise UserError(f"heal.seq_len={heal.seq_len} is above the model's context (max_position_embeddings={context})")
-    train, validation, steps = training_data(heal, AutoTokenizer.from_pretrained(pruned_dir), articles, held_out_ids)
+    data = training_data(heal, AutoTokenizer.from_pretrained(pruned_dir), articles, held_out_ids)
+    steps = data.steps
     if steps == 0:
         with atomic_dir(out_dir) as tmp:
             link_files(pruned_dir, tmp)
@@ -403,6 +429,10 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
         return Result(0, 0, 0, None, {}, 0, 0.0)
 
     args = training_arguments(heal, steps, Path(checkpoints), device)
+    if data.shortfall(heal) and args.process_index == 0:
+        print(f"heal: the training text packs into {len(data.train) * heal.seq_len:,} tokens, less than "
+              f"heal.tokens={heal.tokens:,}: training one pass, {steps} steps ({data.shortfall(heal):,} tokens short; "
+              "heal.repeat: true reads the text again instead)", flush=True)
     if heal.batch_size % args.world_size:
         raise UserError(f"heal.batch_size={heal.batch_size} does not split over {args.world_size} processes")
     stamp = Path(checkpoints) / FINGERPRINT
@@ -428,7 +458,7 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
     # so a heal that stops on a bad loss records nothing.
     curve_dir = Path(checkpoints) / "dvclive"
     callbacks = [NonFinite(), EvaluateLast()] + ([CurveLog(curve_dir)] if args.process_index == 0 else [])
-    trainer = HealTrainer(model=model, args=args, train_dataset=Blocks(train), eval_dataset=Blocks(validation),
+    trainer = HealTrainer(model=model, args=args, train_dataset=Blocks(data.train), eval_dataset=Blocks(data.validation),
                           heal=heal, teacher=teacher, matched=matched_states(dropped, num_layers, heal.cut_layers),
                           callbacks=callbacks)
     output = trainer.train(resume_from_checkpoint=start)
@@ -446,7 +476,9 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
     losses = [h["loss"] for h in history if "loss" in h]
     return Result(
         steps=steps,
-        tokens=len(train) * heal.seq_len,
+        tokens=len(data.train) * heal.seq_len,
+        shortfall=data.shortfall(heal),
+        validation_texts=data.validation_texts,
         trainable_parameters=trainable,
         train_loss=losses[-1] if losses else None,
         validation_loss={h["step"]: h["eval_loss"] for h in history if "eval_loss" in h},

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from layerprune.bundled import BUNDLED_MODELS, bundled_languages
+from layerprune.bundled import BUNDLED_MODELS, NOT_TEXT, bundled_languages
 from layerprune.errors import UserError
 
 
@@ -129,7 +129,8 @@ class HealLoss(Section):
 
 class HealParams(Section):
     tokens: int = Field(ge=0, description="training budget in tokens; 0 skips training (healed = pruned)")
-    repeat: bool = Field(False, description="allow a budget larger than the training text (several epochs)")
+    repeat: bool = Field(False, description="a budget beyond the text: read it again (true) or train one pass and "
+                         "record the shortfall (false)")
     seq_len: int = Field(gt=0, description="tokens per packed block")
     batch_size: int = Field(gt=0, description="blocks per optimizer step over all processes (before accumulation)")
     accumulation: int = Field(1, gt=0)
@@ -143,7 +144,8 @@ class HealParams(Section):
     cut_layers: int = Field(2, gt=0, description="cut and lora: layers trained on either side of each cut")
     lora_rank: Optional[int] = Field(None, gt=0)
     lora_alpha: Optional[float] = Field(None, gt=0)
-    validation_texts: int = Field(gt=0, description="articles for the validation loss: neither trained on nor held out")
+    validation_texts: int = Field(gt=0, description="articles for the validation loss, more if they fill less than one "
+                                  "batch of blocks: neither trained on nor held out")
     eval_every: int = Field(gt=0, description="steps between validation losses")
     save_every: int = Field(gt=0, description="steps between checkpoints")
     processes: int = Field(1, gt=0, description="data-parallel processes (the stage relaunches itself under torchrun)")
@@ -197,6 +199,8 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _bundled_lang(self):
+        if self.data.source == "bundled" and self.lang in NOT_TEXT:
+            raise ValueError(f"lang={self.lang!r}: {NOT_TEXT[self.lang]}; use data.source=hub for its Wikipedia")
         if self.data.source == "bundled" and self.lang not in (available := bundled_languages()):
             raise ValueError(f"lang={self.lang!r} is not in the bundled corpora (data.source=bundled); "
                              f"available: {', '.join(available)}")

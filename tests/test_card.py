@@ -77,6 +77,18 @@ def test_healed_model_is_reported_beside_base_and_pruned():
     assert "| `loss.lm` | 1.0 |" in body and "| validation_loss.after | 3.8 |" in body
 
 
+def test_a_heal_short_of_its_budget_says_so():
+    perplexity = {**PERPLEXITY, "healed": scores(120.5, 2.2, 1.14, 16, 256950912)}
+    heal = {"params": {"loss": {"lm": 1.0}, "trainable": "cut", "tokens": 36864},
+            "metrics": {"tokens": 26624, "shortfall": 10240, "steps": 26}}
+    body = card(perplexity=perplexity, heal=heal).text
+    assert ("26,624 tokens of training (1.0 × lm), 10,240 short of the 36,864-token budget: one pass over all the "
+            "text there was, trainable: `cut`") in body
+    assert "| shortfall | 10240 |" in body
+    heal["metrics"]["shortfall"] = 0
+    assert "short of the" not in card(perplexity=perplexity, heal=heal).text
+
+
 def test_card_without_healing_says_the_model_needs_it():
     body = card().text
     assert "| word perplexity | 76.25 | 229.8 | +201.4% |" in body

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 from layerprune.errors import UserError
 from layerprune.heal import (
-    HealTrainer, cut_layers, heal_model, matched_states, pack, plan_steps, split_texts,
+    HealTrainer, cut_layers, heal_model, matched_states, pack, plan_steps, training_data, validation_size,
 )
 from layerprune.models import ModelInfo
 from layerprune.params import HealParams, parse_params
@@ -46,13 +46,18 @@ def heal_params(**changes) -> HealParams:
 # ---- a tiny base, its pruned copy, a word-level tokenizer and a corpus ----
 
 
-def save_tokenizer(folder: Path) -> None:
+def number_tokenizer():
+    """Text "w5 w6 w7" is tokens [5, 6, 7]; EOS is 1, no BOS: token counts are the word counts."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}, "[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>").save_pretrained(folder)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+
+
+def save_tokenizer(folder: Path) -> None:
+    number_tokenizer().save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -148,26 +153,46 @@ def test_pack_closes_texts_with_eos_and_drops_the_rest():
 
 
 def test_training_and_validation_text_leave_out_the_held_out_articles():
-    articles = [{"id": i, "text": f"text {i}"} for i in range(50)] + [{"id": 50, "text": "  "}]
-    texts = split_texts(articles, held_out_ids={3, 7, 11}, validation=5, seed=1)
-    train, validation = {a["id"] for a in texts.train}, {a["id"] for a in texts.validation}
-    assert len(validation) == 5 and not train & validation
-    assert train | validation == set(range(50)) - {3, 7, 11}
-    assert split_texts(articles, {3, 7, 11}, 5, seed=1) == texts
-    with pytest.raises(UserError, match="heal.validation_texts=47"):
-        split_texts(articles, {3, 7, 11}, 47, seed=1)
+    # 50 articles of 7 tokens and EOS, article i all token i + 2; seq_len 16 and batch 4 need 64 tokens: 8 articles
+    articles = [{"id": i, "text": " ".join([f"w{i + 2}"] * 7)} for i in range(50)] + [{"id": 50, "text": "  "}]
+    heal = heal_params(tokens=16 * 4, validation_texts=5)
+    data = training_data(heal, number_tokenizer(), articles, held_out_ids={3, 7, 11})
+    assert data.validation_texts == 8  # 5 asked for, 8 needed to fill one batch of validation blocks
+    assert data.validation.shape == (4, 16)
+    articles_in = lambda blocks: {int(t) - 2 for t in blocks.flatten()} - {-1}  # noqa: E731 (EOS is 1)
+    in_validation, in_training = articles_in(data.validation), articles_in(data.train)
+    assert len(in_validation) == 8 and not in_validation & {3, 7, 11}
+    assert data.steps == 1 and len(data.train) == 4 and not in_training & {3, 7, 11}
+    assert torch.equal(training_data(heal, number_tokenizer(), articles, {3, 7, 11}).train, data.train)  # seeded
+    with pytest.raises(UserError, match="heal.validation_texts=47: the 47 articles besides the held-out ones"):
+        training_data(heal_params(validation_texts=47), number_tokenizer(), articles, {3, 7, 11})
+    with pytest.raises(UserError, match="the 8 articles .* cannot fill one batch of heal.batch_size=4 validation"):
+        training_data(heal, number_tokenizer(), articles[:8], set())  # all 8 for validation, none left to train
+    with pytest.raises(UserError, match="the training text packs into 1 blocks"):
+        training_data(heal, number_tokenizer(), articles[:10], set())  # 2 articles left: 16 tokens, one block
 
 
-def test_budget_beyond_the_text_is_one_line_naming_the_keys():
+def test_validation_size_takes_more_texts_only_when_they_do_not_fill_a_batch():
+    assert validation_size([100] * 30, minimum=16, tokens_needed=1020) == 16  # long articles: what was asked
+    assert validation_size([30] * 60, minimum=16, tokens_needed=1020) == 34  # 34 × 30 = 1020
+    assert validation_size([30] * 20, minimum=16, tokens_needed=1020) == 21  # not enough text: more than there is
+
+
+def test_budget_beyond_the_text_trains_one_pass_unless_repeat():
     heal = heal_params(tokens=4 * 16 * 10, seq_len=16, batch_size=4)
     assert plan_steps(heal, available_blocks=40) == 10
-    with pytest.raises(UserError) as err:
-        plan_steps(heal, available_blocks=39)
-    assert str(err.value) == ("heal.tokens=640 needs 40 blocks of heal.seq_len=16, but the training text packs into 39 "
-                              "(624 tokens); lower heal.tokens or set heal.repeat: true")
+    assert plan_steps(heal, available_blocks=39) == 9  # the text runs out: one pass, whole steps
     assert plan_steps(heal_params(tokens=640, repeat=True), available_blocks=3) == 10
     with pytest.raises(UserError, match=r"heal.tokens=63 is less than one step .* = 64 tokens"):
         plan_steps(heal_params(tokens=63), available_blocks=40)
+    with pytest.raises(UserError) as err:
+        plan_steps(heal, available_blocks=3)
+    assert str(err.value) == ("heal: the training text packs into 3 blocks of heal.seq_len=16, fewer than one step "
+                              "of heal.batch_size × heal.accumulation = 4; lower heal.seq_len or heal.batch_size, "
+                              "or fetch more text (data.max_articles)")
+    with pytest.raises(UserError, match="packs into 0 blocks"):
+        plan_steps(heal_params(tokens=640, repeat=True), available_blocks=0)
+    assert plan_steps(heal_params(tokens=0), available_blocks=0) == 0  # nothing to train: no error
 
 
 @pytest.mark.parametrize("change, message", [
