@@ -1,6 +1,7 @@
 """dvc.yaml lists, for every stage, exactly the project code the stage runs: its script and every layerprune module
 the script imports, directly or through other modules, imports inside functions included. A module missing from
-the list means an edit to it keeps stale results; one too many reruns a stage for nothing."""
+the list means an edit to it keeps stale results; one too many reruns a stage for nothing. The same for the data
+folders of the package that this code reads (layerprune/architectures), and for the params the stage reads."""
 import ast
 import re
 from pathlib import Path
@@ -48,7 +49,8 @@ def stages() -> dict[str, dict]:
     paths = {key: value for entry in pipeline["vars"] for key, value in entry["paths"].items()}
     resolve = lambda text: re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], text)  # noqa: E731
     return {name: {"script": re.search(r"stages/\w+\.py", stage["cmd"]).group(0),
-                   "deps": [resolve(dep) for dep in stage.get("deps", [])]}
+                   "deps": [resolve(dep) for dep in stage.get("deps", [])],
+                   "params": stage.get("params", [])}
             for name, stage in pipeline["stages"].items()}
 
 
@@ -73,3 +75,248 @@ def test_closure_follows_imports_inside_functions():
     """The check itself: slicing.py imports models.py only inside a function, and that import must count."""
     assert "layerprune/models.py" in code_closure("layerprune/slicing.py")
     assert "layerprune/models.py" not in project_imports(REPO / "layerprune/errors.py")
+
+
+# ---- data folders of the package ----
+
+
+def package_data() -> set[str]:
+    """What the package holds besides its modules: folders without an __init__.py (layerprune/architectures)."""
+    return {entry.name for entry in (REPO / PACKAGE).iterdir()
+            if entry.is_dir() and entry.name != "__pycache__" and not (entry / "__init__.py").exists()}
+
+
+def data_read(module: str) -> set[str]:
+    """The package's data folders that a module names in a string (Path(__file__).parent / "architectures")."""
+    folders = package_data()
+    return {folder for node in ast.walk(ast.parse((REPO / module).read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            for folder in folders if node.value == folder or node.value.startswith(folder + "/")}
+
+
+def data_deps_check(stage: dict) -> tuple[list[str], list[str]]:
+    """(data folders the stage's code reads that its deps leave out, data folders listed that nothing reads)."""
+    needed = {f"{PACKAGE}/{folder}" for module in code_closure(stage["script"]) for folder in data_read(module)}
+    listed = {dep.rstrip("/") for dep in stage["deps"] if dep.startswith(PACKAGE + "/") and not dep.endswith(".py")}
+    return sorted(needed - listed), sorted(listed - needed)
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_stage_data_deps_are_exactly_the_package_data_its_code_reads(name):
+    missing, extra = data_deps_check(stages()[name])
+    assert not missing, f"{name} runs code that reads package data its deps do not list: {missing}"
+    assert not extra, f"{name} lists package data that its code does not read: {extra}"
+
+
+def test_data_check_finds_the_architectures_through_slicing():
+    """The check itself: slicing.py reads layerprune/architectures, and any stage that runs slicing.py needs it."""
+    assert package_data() >= {"architectures"} and data_read("layerprune/slicing.py") == {"architectures"}
+    readers = {name for name, stage in stages().items() if "layerprune/slicing.py" in code_closure(stage["script"])}
+    assert readers >= {"model", "choose-range", "frontier", "mergekit-slice"}
+    stage = stages()["mergekit-slice"]
+    stage["deps"].remove("layerprune/architectures")
+    assert data_deps_check(stage) == (["layerprune/architectures"], [])
+    stage = stages()["release"]
+    stage["deps"].append("layerprune/architectures")
+    assert data_deps_check(stage) == ([], ["layerprune/architectures"])
+
+
+# ---- params ----
+#
+# What a stage reads of params, found statically: `params.<section>.<key>` in the stage script (params is the
+# validated params.yaml that run_stage passes to main), a section bound to a name (`prune = params.prune`, then
+# `prune.keep_first`), and a section passed to a layerprune function (`heal_model(params.heal, ...)`: the keys that
+# function reads of its argument, followed as far as it passes it on). A section used any other way (model_dump(),
+# passed to a class or a method) counts as read whole.
+
+WHOLE = None  # a section read as a whole
+
+
+def params_fields() -> dict[str, set[str] | None]:
+    """Each top-level key of params.yaml: its section's keys, or None for a plain value (lang)."""
+    from layerprune.params import Params, Section
+
+    return {name: set(field.annotation.model_fields) if isinstance(field.annotation, type)
+            and issubclass(field.annotation, Section) else None for name, field in Params.model_fields.items()}
+
+
+class _Module:
+    """A parsed source file, with each node's parent and what its names refer to."""
+
+    cache: dict[str, "_Module"] = {}
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tree = ast.parse((REPO / path).read_text(), filename=path)
+        self.parents = {child: node for node in ast.walk(self.tree) for child in ast.iter_child_nodes(node)}
+        self.functions = {node.name: node for node in self.tree.body if isinstance(node, ast.FunctionDef)}
+        self.imported = {alias.asname or alias.name: (node.module, alias.name) for node in ast.walk(self.tree)
+                         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                         and node.module.startswith(PACKAGE + ".") for alias in node.names}
+
+    @classmethod
+    def get(cls, path: str) -> "_Module":
+        if path not in cls.cache:
+            cls.cache[path] = cls(path)
+        return cls.cache[path]
+
+    def function(self, call: ast.Call):
+        """(module, FunctionDef) that a call by plain name runs, if it is a function of the project; else None."""
+        if not isinstance(call.func, ast.Name):
+            return None
+        if call.func.id in self.functions:
+            return self, self.functions[call.func.id]
+        if call.func.id in self.imported:
+            module, name = self.imported[call.func.id]
+            path = module.replace(".", "/") + ".py"
+            if (REPO / path).is_file() and name in _Module.get(path).functions:
+                return _Module.get(path), _Module.get(path).functions[name]
+        return None
+
+    def scope(self, node):
+        """The function (or lambda, or module) a node is in."""
+        while node in self.parents and not isinstance(node, (ast.FunctionDef, ast.Lambda)):
+            node = self.parents[node]
+        return node
+
+
+def _names(scope, name: str):
+    return [node for node in ast.walk(scope) if isinstance(node, ast.Name) and node.id == name
+            and isinstance(node.ctx, ast.Load)]
+
+
+def _keys_read(module: _Module, scope, name: str, fields: set[str], seen: set) -> set[str] | None:
+    """Keys of a section read through the name `name` in `scope`; WHOLE if the section is used whole."""
+    keys = set()
+    for node in _names(scope, name):
+        found = _use(module, node, fields, seen)
+        if found is WHOLE:
+            return WHOLE
+        keys |= found
+    return keys
+
+
+def _use(module: _Module, node, fields: set[str], seen: set) -> set[str] | None:
+    """Keys read of the section that the expression `node` evaluates to."""
+    parent = module.parents[node]
+    if isinstance(parent, ast.Attribute) and parent.value is node:
+        return {parent.attr} if parent.attr in fields else WHOLE  # a key, or a method such as model_dump
+    if isinstance(parent, ast.Tuple) and isinstance(module.parents[parent], ast.Assign):
+        assign = module.parents[parent]
+        (target,) = assign.targets
+        if isinstance(target, ast.Tuple) and len(target.elts) == len(parent.elts):
+            alias = target.elts[parent.elts.index(node)]
+            if isinstance(alias, ast.Name):
+                return _keys_read(module, module.scope(assign), alias.id, fields, seen)
+    if isinstance(parent, ast.Assign) and parent.value is node and len(parent.targets) == 1 \
+            and isinstance(parent.targets[0], ast.Name):
+        return _keys_read(module, module.scope(parent), parent.targets[0].id, fields, seen)
+    keyword = parent if isinstance(parent, ast.keyword) else None
+    call = module.parents[parent] if keyword else parent
+    if isinstance(call, ast.Call) and (keyword or node in call.args):
+        resolved = module.function(call)
+        if resolved is None:
+            return WHOLE
+        callee_module, callee = resolved
+        arguments = [a.arg for a in callee.args.posonlyargs + callee.args.args]
+        argument = keyword.arg if keyword else arguments[call.args.index(node)]
+        if (callee_module.path, callee.name, argument) in seen:
+            return set()
+        return _keys_read(callee_module, callee, argument, fields, seen | {(callee_module.path, callee.name, argument)})
+    return WHOLE
+
+
+def params_read(script: str) -> set[str]:
+    """What a stage script reads of params: "lang", "section.key", or "section" for a section read whole."""
+    module, fields = _Module.get(script), params_fields()
+    read = set()
+    for node in _names(module.tree, "params"):
+        parent = module.parents[node]
+        if not (isinstance(parent, ast.Attribute) and parent.value is node):
+            # params itself may only go to the script's own functions, whose bodies are read here too
+            call = module.parents[parent] if isinstance(parent, ast.keyword) else parent
+            assert isinstance(call, ast.Call) and isinstance(call.func, ast.Name) \
+                and call.func.id in module.functions, f"{script}:{node.lineno}: params used in a way this test cannot follow"
+            continue
+        section = parent.attr
+        assert section in fields, f"{script}:{node.lineno}: params.{section} is no section of params.yaml"
+        if fields[section] is None:
+            read.add(section)
+            continue
+        keys = _use(module, parent, fields[section], set())
+        read |= {section} if keys is WHOLE else {f"{section}.{key}" for key in keys}
+    return read
+
+
+def expand(entries) -> set[str]:
+    """"section" -> every "section.key"; "section.key" and plain values ("lang") as they are."""
+    fields = params_fields()
+    out = set()
+    for entry in entries:
+        assert isinstance(entry, str), f"params entry {entry!r}: only keys of params.yaml are supported here"
+        section, _, key = entry.partition(".")
+        assert section in fields, f"{entry}: no such key in params.yaml"
+        if fields[section] is None or key:
+            assert not key or key.split(".")[0] in fields[section], f"{entry}: no such key in params.yaml"
+            out.add(".".join(entry.split(".")[:2]))
+        else:
+            out |= {f"{section}.{name}" for name in fields[section]}
+    return out
+
+
+def params_check(stage: dict) -> tuple[list[str], list[str]]:
+    """(params the stage's code reads that its `params:` leaves out, params listed that its code never reads)."""
+    needed, listed = expand(params_read(stage["script"])), expand(stage["params"])
+    return sorted(needed - listed), sorted(listed - needed)
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_stage_params_are_exactly_what_its_code_reads(name):
+    missing, extra = params_check(stages()[name])
+    assert not missing, f"{name} reads params that its `params:` does not list: {missing}"
+    assert not extra, f"{name} lists params that its code does not read (a change reruns it for nothing): {extra}"
+
+
+def test_params_reads_are_found_through_names_and_library_functions():
+    """The check itself, on what the stages do today."""
+    # through a section bound to a name in a helper of the script, and a key passed on as a plain value
+    assert {"prune.search_texts", "prune.keep_first", "similarity.max_length", "lang"} <= params_read(
+        "stages/choose_range.py")
+    # `prune, sizes = params.prune, params.frontier.layers`
+    assert {"prune.keep_last", "frontier.layers", "eval.batch_size"} <= params_read("stages/frontier.py")
+    # params.heal passed to heal_model, which passes it on; params.similarity.processes in run_stage's lambda
+    assert {"heal", "model.device"} <= params_read("stages/heal.py")
+    assert "similarity.processes" in params_read("stages/layer_similarity.py")
+    assert "heal" in params_read("stages/release.py")  # params.heal.model_dump(): the whole section
+
+
+def test_params_reads_follow_a_section_into_the_functions_it_is_passed_to(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "def scored(settings, *, device):\n"
+        "    return settings.max_length, device\n\n"
+        "def dumped(settings):\n"
+        "    return settings.model_dump()\n\n"
+        "def main(params):\n"
+        "    ev, n = params.eval, params.frontier.layers\n"
+        "    scored(ev, device=params.model.device)\n"
+        "    dumped(settings=params.sample)\n"
+        "    print(params.lang, len(n))\n")
+    # only the key `scored` reads of eval; the whole of sample, which `dumped` dumps
+    assert params_read(str(script)) == {"eval.max_length", "model.device", "sample", "frontier.layers", "lang"}
+
+
+def test_params_check_catches_a_missing_and_an_unread_param():
+    stage = stages()["choose-range"]
+    stage["params"].remove("prune.search_texts")
+    assert params_check(stage) == (["prune.search_texts"], [])
+    stage = stages()["frontier"]
+    stage["params"].append("eval.tasks")  # read by the perplexity stages, not by the frontier
+    assert params_check(stage) == ([], ["eval.tasks"])
+    stage = stages()["perplexity-base"]
+    stage["params"] = ["model.device", "eval.max_length", "eval.batch_size", "eval.tasks"]
+    assert params_check(stage) == (["eval.include_path"], [])
+    stage = stages()["heal"]
+    stage["params"] = ["model.device", "heal.tokens", "heal.seq_len"]  # heal_model reads the whole section
+    missing, extra = params_check(stage)
+    assert "heal.learning_rate" in missing and "heal.processes" in missing and not extra
