@@ -15,41 +15,38 @@ writes bench/results-frontier.md:
 import argparse
 import json
 import os
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from common import OTHER_PATHS, REPO, machine, now, num, paths, ratio_table, row, write_table  # first: offline switches
 
-from layerprune.choose import Block, choose_block, layers_label  # noqa: E402
-from layerprune.files import read_csv  # noqa: E402
-from layerprune.models import ModelInfo, load_model  # noqa: E402
-from layerprune.params import load_params  # noqa: E402
-from layerprune.search import LossSearch, best_block, loss_search  # noqa: E402
-from layerprune.similarity import METRICS, Distances, pad_token_id, tokenize  # noqa: E402
-from layerprune.texts import read_jsonl  # noqa: E402
-from measure import interleave, machine, ratio, timed  # noqa: E402
-from run import num, row, table  # noqa: E402
+from layerprune.choose import Block, choose_block, layers_label
+from layerprune.files import read_csv
+from layerprune.models import ModelInfo, load_model
+from layerprune.params import load_params
+from layerprune.search import LossSearch, best_block, loss_search
+from layerprune.similarity import METRICS, Distances, pad_token_id, tokenize
+from layerprune.texts import read_jsonl
+from layerprune.tiny_models import tiny_falcon11b
+from measure import interleave, ratio, timed
 
 FRONTIER_BUDGET_S = 240
 
 
-def heldout_rows(model, tokenizer, params, heldout_texts) -> list[dict]:
+def texts(path: Path) -> list[str]:
+    return [r["text"] for r in read_jsonl(path)]
+
+
+def heldout_rows(model, tokenizer, params, p, heldout_texts) -> list[dict]:
     """The blocks `loss` and `angular_last` choose at the largest frontier n (as choose-range would), against the
     best block by held-out loss."""
     n, prune = max(params.frontier.layers), params.prune
-    calibration = [r["text"] for r in read_jsonl("data/calibration.jsonl")]
-    search = loss_search(model, tokenizer, calibration, search_texts=prune.search_texts,
+    search = loss_search(model, tokenizer, texts(p.calibration), search_texts=prune.search_texts,
                          max_length=params.similarity.max_length, batch_size=params.similarity.batch_size)
     picks = {"loss": best_block(search, n, prune.keep_first, prune.keep_last)[0]}
-    distances = Distances.from_rows(read_csv("plots/layer_distances.csv"), num_samples=0, num_tokens=0)
+    distances = Distances.from_rows(read_csv(p.distances), num_samples=0, num_tokens=0)
     picks["angular_last"] = choose_block(distances.scores("angular_last"), search.num_layers, n, "similarity",
                                          prune.keep_first, prune.keep_last)
-    texts = [r["text"] for r in read_jsonl("data/eval.jsonl")][:heldout_texts]
-    ids, _ = tokenize(tokenizer, texts, params.eval.max_length)
+    ids, _ = tokenize(tokenizer, texts(p.eval_texts)[:heldout_texts], params.eval.max_length)
     heldout = LossSearch(model, ids, params.similarity.batch_size, pad_id=pad_token_id(tokenizer))
     best, losses = best_block(heldout, n, prune.keep_first, prune.keep_last)
     return [row(f"`{strategy}` block at n = {n}: held-out loss ÷ best block's", losses[pick.start] / losses[best.start],
@@ -65,16 +62,18 @@ def frontier_rows(frontier) -> list[dict]:
         ours = min(bpb["loss"], bpb["iterative"])
         theirs = min(bpb[s] for s in (*METRICS, "deepest"))
         rows.append(row(f"frontier at n = {n}: min(loss, iterative) ÷ min(similarity metrics, deepest)",
-                        ours / theirs, "≤ 1", num(ours), num(theirs), "held-out bits per byte (lm-eval), "
-                        f"metrics/frontier.json; {frontier['models_evaluated']} models evaluated for all n"))
+                        ours / theirs, "≤ 1", num(ours), num(theirs),
+                        f"held-out bits per byte (lm-eval), {OTHER_PATHS['frontier_metrics']}; "
+                        f"{frontier['models_evaluated']} models evaluated for all n"))
     return rows
 
 
-def prefix_rows(model, tokenizer, params, flop_texts) -> list[dict]:
+def prefix_rows(model, tokenizer, params, p, flop_texts) -> list[dict]:
     n, prune = max(params.frontier.layers), params.prune
-    texts = [r["text"] for r in read_jsonl("data/calibration.jsonl")]
-    fresh = lambda: loss_search(model, tokenizer, texts, search_texts=flop_texts, max_length=params.similarity.max_length,
-                                batch_size=params.similarity.batch_size, progress=False)
+    calibration = texts(p.calibration)
+    fresh = lambda: loss_search(model, tokenizer, calibration, search_texts=flop_texts,
+                                max_length=params.similarity.max_length, batch_size=params.similarity.batch_size,
+                                progress=False)
     counts = {}
 
     def shared(r):
@@ -100,8 +99,6 @@ def prefix_rows(model, tokenizer, params, flop_texts) -> list[dict]:
             "", f"{min(times['shared']):.1f} s", f"{min(times['naive']):.1f} s",
             "same texts, 2 interleaved rounds; the head over the 262k vocabulary runs once per candidate in both"),
     ]
-    from tiny_models import tiny_falcon11b
-
     falcon = tiny_falcon11b(num_layers=60)
     ids = [list(range(2, 34))]
     shared_search, naive_search = LossSearch(falcon, ids, 1, progress=False), LossSearch(falcon, ids, 1, progress=False)
@@ -126,29 +123,29 @@ def main(argv=None):
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="what to measure (default: all)")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results-frontier.md")
     args = parser.parse_args(argv)
-    os.chdir(args.workspace)  # models/base.json names the model folder relative to the workspace
-    params = load_params("params.yaml")
-    header = (f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `python bench/frontier.py "
+    workspace = args.workspace.resolve()
+    os.chdir(workspace)  # models/base.json names the model folder relative to the workspace
+    p = paths(workspace)
+    params = load_params(p.params)
+    header = (f"Measured {now()} by `python bench/frontier.py "
               f"--parts {' '.join(args.parts)}` on {params.model.id}, lang={params.lang}, "
               f"frontier.layers={params.frontier.layers}, prune.search_texts={params.prune.search_texts}.\n\n"
               f"Machine: {machine()}.")
     rows = []
     if "frontier" in args.parts:
-        frontier = json.loads(Path("metrics/frontier.json").read_text())
-        seconds = json.loads(Path("logs/frontier.timing.json").read_text())["seconds"]
+        frontier = json.loads(p.frontier_metrics.read_text())
+        seconds = json.loads(p.frontier_timing.read_text())["seconds"]
         rows += frontier_rows(frontier)
         rows.append(row("frontier stage time ÷ budget", seconds / FRONTIER_BUDGET_S, "≤ 1",
-                        f"{seconds:.0f} s", f"{FRONTIER_BUDGET_S} s", "logs/frontier.timing.json `seconds`: "
+                        f"{seconds:.0f} s", f"{FRONTIER_BUDGET_S} s", f"{OTHER_PATHS['frontier_timing']} `seconds`: "
                         f"model load, searches and {frontier['models_evaluated']} lm-eval runs, on that run's machine"))
     if {"heldout", "prefix"} & set(args.parts):
-        model, tokenizer = load_model(ModelInfo.load("models/base.json").model_dir(), "cpu")
+        model, tokenizer = load_model(ModelInfo.load(p.base_info).model_dir(), "cpu")
         if "heldout" in args.parts:
-            rows += heldout_rows(model, tokenizer, params, args.heldout_texts)
+            rows += heldout_rows(model, tokenizer, params, p, args.heldout_texts)
         if "prefix" in args.parts:
-            rows += prefix_rows(model, tokenizer, params, args.flop_texts)
-    text = table(rows, header)
-    args.out.write_text(text)
-    print(text)
+            rows += prefix_rows(model, tokenizer, params, p, args.flop_texts)
+    write_table(args.out, ratio_table(rows, header))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,6 @@ drifts over minutes, and a ratio of two numbers taken seconds apart survives tha
 number alone.
 """
 import math
-import os
-import platform
 import statistics
 import threading
 import time
@@ -80,20 +78,6 @@ def in_child(fn, *args):
     """fn(*args) in a fresh process, for memory measurements that the parent's heap would blur."""
     with ProcessPoolExecutor(1, mp_context=_CHILDREN) as pool:
         return pool.submit(fn, *args).result()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} "
-        f"inter-op threads); load average {load} (1/5/15 min) at start"
-    )
 
 
 # ---- similarity: the references layer_distances is compared against ----

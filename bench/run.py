@@ -4,7 +4,8 @@ changes, as ratios measured side by side in one run, with the absolute numbers a
     python bench/run.py              the embedded default (params.yaml: Gemma 3 270M), default sizes (~15 min, 2 cores)
     python bench/run.py --quick      the same model, fewer texts; DVC part at tests/pipeline_repo.SMALL sizes
     python bench/run.py --smoke      a tiny random Llama, no DVC part, under a minute (tests/test_bench.py)
-    --update-readme                  also put the table between <!-- bench:start --> and <!-- bench:end --> in README.md
+    --update-docs                    also put the table between <!-- bench:start --> and <!-- bench:end --> in
+                                     docs/benchmarks.md
     --threads N                      torch threads (the smoke test uses 1: see --help)
 
 Writes the table to bench/results.md (results-quick.md, results-smoke.md for the other modes) and prints it.
@@ -12,34 +13,32 @@ Writes the table to bench/results.md (results-quick.md, results-smoke.md for the
 import argparse
 import os
 import random
+import runpy
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # layerprune, and the tests' tiny models and pipeline copy
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the Makefile: everything here is offline
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import (  # first: offline switches
+    REPO, load_average, machine, now, num, paths, ratio_table, row, write_table,
+)
+import torch
 
-import torch  # noqa: E402
-
-from layerprune.choose import Block, kept_ranges, passthrough_config  # noqa: E402
-from layerprune.models import ModelInfo, export_bundled, load_model  # noqa: E402
-from layerprune.params import load_params  # noqa: E402
-from layerprune.perplexity import evaluate_perplexity  # noqa: E402
-from layerprune.similarity import decoder_layers, layer_distances, pad_token_id, tokenize  # noqa: E402
-from layerprune.texts import fetch_bundled, split_samples, write_jsonl  # noqa: E402
-from measure import (  # noqa: E402
-    bare_forward, body_flops, direct_loglikelihood, in_child, interleave, machine, matmul_flops_per_second,
-    pruneme_pass, ratio, similarity_peak_rss, timed, timed_slice,
+from layerprune.choose import Block, kept_ranges, passthrough_config
+from layerprune.models import ModelInfo, export_bundled, load_model
+from layerprune.params import load_params
+from layerprune.perplexity import evaluate_perplexity
+from layerprune.similarity import decoder_layers, layer_distances, pad_token_id, tokenize
+from layerprune.texts import fetch_bundled, split_samples, write_jsonl
+from measure import (
+    bare_forward, body_flops, direct_loglikelihood, in_child, interleave, matmul_flops_per_second, pruneme_pass,
+    ratio, similarity_peak_rss, timed, timed_slice,
 )
 
 MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
+DOCS_PAGE = "docs/benchmarks.md"  # the page whose table --update-docs rewrites
 
 
 @dataclass
@@ -55,15 +54,20 @@ class Sizes:
     eval_batch_size: int = 2
 
 
+def pipeline_repo() -> dict:
+    """The names of tests/pipeline_repo.py: PipelineRepo, the throwaway copy of the pipeline that the end-to-end tests
+    run (the DVC part of the full and quick modes runs in one), and its SMALL sizes. tests/ is not a package, so the
+    file is run by path."""
+    return runpy.run_path(str(REPO / "tests/pipeline_repo.py"))
+
+
 def sizes_for(mode: str, params) -> Sizes:
     if mode == "smoke":
         return Sizes(texts=16, memory_texts=(8, 32), eval_texts=4, rounds=3, dvc=None)
-    from pipeline_repo import SMALL
-
     quick = mode == "quick"
     return Sizes(
         texts=16 if quick else 32, memory_texts=(16, 64) if quick else (32, 128), eval_texts=4 if quick else 8,
-        rounds=3 if quick else 5, dvc=SMALL if quick else {},
+        rounds=3 if quick else 5, dvc=pipeline_repo()["SMALL"] if quick else {},
         max_length=params.similarity.max_length, batch_size=params.similarity.batch_size,
         eval_max_length=params.eval.max_length, eval_batch_size=params.eval.batch_size,
     )
@@ -74,7 +78,7 @@ def sizes_for(mode: str, params) -> Sizes:
 
 def tiny_model(work: Path, num_texts: int) -> tuple[str, str, list[str]]:
     """A tiny random Llama with a word-level tokenizer (word w<i> is token id i), and random texts."""
-    from tiny_models import VOCAB, tiny_llama, word_tokenizer
+    from layerprune.tiny_models import VOCAB, tiny_llama, word_tokenizer
 
     model_dir = work / "tiny"
     tiny_llama().save_pretrained(model_dir)
@@ -84,16 +88,22 @@ def tiny_model(work: Path, num_texts: int) -> tuple[str, str, list[str]]:
     return str(model_dir), "tiny random Llama (6 layers, hidden 32)", texts
 
 
+def embedded_default(params, work: Path, num_texts: int) -> tuple[str, str, list[str]]:
+    """The pipeline's model (models/base when the model stage has exported it, else a fresh export) and texts
+    sampled as the sample stage samples them."""
+    info = paths().base_info
+    if info.exists() and ModelInfo.load(info).id == params.model.id:
+        model_dir = str(REPO / ModelInfo.load(info).model_dir())
+    else:
+        model_dir = str(work / "base")
+        export_bundled(params.model.id, Path(model_dir))
+    s = params.sample
+    _, articles = fetch_bundled(params.lang)
+    split = split_samples(articles, num_texts, 1, s.min_chars, s.max_chars, s.seed)
+    return model_dir, f"{params.model.id}, lang={params.lang}", [a["text"] for a in split.calibration]
+
+
 # ---- the comparisons; each returns table rows ----
-
-
-def num(x: float) -> str:
-    """Three significant digits, without exponents for large numbers."""
-    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
-
-
-def row(what, ratio, goal, ours, baseline, how):
-    return dict(what=what, ratio=ratio, goal=goal, ours=ours, baseline=baseline, how=how)
 
 
 def similarity_rows(model, tokenizer, texts, sizes: Sizes) -> list[dict]:
@@ -198,8 +208,7 @@ def slicing_rows(model_dir, num_layers: int, dtype: str, layers: int, sizes: Siz
 def dvc_rows(overrides: dict, layers: int, lang: str, work: Path) -> list[dict]:
     """Whole-pipeline wall times in a throwaway git repo. Sequential by nature (each run builds on the last), so
     these ratios are not interleaved: read them as 'how much of a full round a change costs'."""
-    from pipeline_repo import PipelineRepo
-
+    PipelineRepo = pipeline_repo()["PipelineRepo"]
     repo = PipelineRepo.create(work / "pipeline", overrides)
     other = "de" if lang != "de" else "fr"
     steps = [
@@ -223,19 +232,11 @@ def dvc_rows(overrides: dict, layers: int, lang: str, work: Path) -> list[dict]:
 # ---- output ----
 
 
-def table(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| measurement | ratio | goal | layerprune | baseline | how |", "|---|---:|---|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['what']} | **{num(r['ratio'])}** | {r['goal']} | {r['ours']} | {r['baseline']} | "
-                     f"{r['how']} |")
-    return "\n".join(lines) + "\n"
-
-
 def replace_block(text: str, block: str) -> str:
     """text with everything between the bench markers replaced by block; nothing outside them changes."""
     start, end = MARKERS
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise SystemExit(f"README.md needs exactly one {start} followed by one {end}")
+        raise SystemExit(f"{DOCS_PAGE} needs exactly one {start} followed by one {end}")
     head, rest = text.split(start)
     return head + start + "\n" + block + end + rest.split(end)[1]
 
@@ -246,7 +247,7 @@ def main(argv=None):
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke")
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick")
     parser.add_argument("--out", type=Path, help="markdown file for the table (default: bench/results[-mode].md)")
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true", help=f"also put the table into {DOCS_PAGE}")
     parser.add_argument("--threads", type=int, help="torch threads, here and in every child process (default: "
                         "torch's choice); 1 keeps tiny models fast on a machine busy with other work")
     args = parser.parse_args(argv)
@@ -257,7 +258,7 @@ def main(argv=None):
     out = args.out or REPO / "bench" / f"results{'' if args.mode == 'full' else '-' + args.mode}.md"
 
     began, host = time.perf_counter(), machine()
-    params = load_params(REPO / "params.yaml")
+    params = load_params(paths().params)
     sizes = sizes_for(args.mode, params)
     with tempfile.TemporaryDirectory(prefix="layerprune-bench-") as tmp:
         work = Path(tmp)
@@ -281,21 +282,19 @@ def main(argv=None):
             rows += run_section()
             print(f"bench: {section} done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     header = (
-        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `python bench/run.py"
+        f"Measured {now()} by `python bench/run.py"
         f"{'' if args.mode == 'full' else ' --' + args.mode}` ({args.mode} mode, {time.perf_counter() - began:.0f} s) "
-        f"on {name}, {num_layers} layers.\n\nMachine: {host}; {load} at the end.\n\n"
+        f"on {name}, {num_layers} layers.\n\nMachine: {host}; {load_average()} at the end.\n\n"
         f"Ratios are the median of per-round ratios over {sizes.rounds} interleaved rounds (A, B, A, B), unless the "
         f"row says otherwise. Absolute times are the best round of each side (a busy machine only ever adds time), "
         f"so their quotient can differ from the ratio when the load changed between rounds."
     )
-    text = table(rows, header)
-    out.write_text(text)
-    print(text)
-    if args.update_readme:
-        readme = REPO / "README.md"
-        readme.write_text(replace_block(readme.read_text(), text))
+    text = ratio_table(rows, header)
+    write_table(out, text)
+    if args.update_docs:
+        page = REPO / DOCS_PAGE
+        page.write_text(replace_block(page.read_text(), text))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ shape (60 layers, hidden 4096, 32 query / 8 key-value heads, feed-forward 16384,
 attention with one input norm; 11.1B parameters, 22 GB in bf16) with random weights. The weights' values do not
 matter for speed and memory, so no hub is needed: the model is built on the accelerator and saved as a local folder.
 
-    python bench/scale.py                   full size on CUDA, within --deadline seconds (one H200: see README)
+    python bench/scale.py                   full size on CUDA, within --deadline seconds (one H200: see docs/scale.md)
     python bench/scale.py --tiny            the same layout at width 64 and 8 layers, on CPU in seconds (the test)
     --out DIR        where scale.json and scale.md go (default bench/scale; bench/scale-tiny with --tiny)
     --work DIR       the model folders, deleted at the end (default: a new temp folder; the full run needs ~55 GB)
@@ -27,35 +27,28 @@ heal step. No DVC, no hub access.
 import argparse
 import gc
 import json
-import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]  # tests: the word-level tokenizer
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import REPO, machine, markdown_table, now  # first: offline switches
+import psutil
+import torch
+from transformers import AutoModelForCausalLM, FalconConfig
 
-import psutil  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, FalconConfig  # noqa: E402
-
-from layerprune.choose import check_ranges, choose_block, kept_ranges, passthrough_config  # noqa: E402
-from layerprune.files import check_free_space, write_json  # noqa: E402
-from layerprune.models import count_parameters, num_layers as layers_in  # noqa: E402
-from layerprune.perplexity import evaluate_perplexity, significant  # noqa: E402
-from layerprune.similarity import decoder_layers, layer_distances, pad_token_id, tokenize  # noqa: E402
-from layerprune.slicing import slice_model  # noqa: E402
-from layerprune.texts import write_jsonl  # noqa: E402
-from measure import bare_forward, body_flops, direct_loglikelihood, machine  # noqa: E402
-from tiny_models import word_tokenizer  # noqa: E402
+from layerprune.choose import check_ranges, choose_block, kept_ranges, passthrough_config
+from layerprune.files import check_free_space, write_json
+from layerprune.models import count_parameters, num_layers as layers_in
+from layerprune.perplexity import evaluate_perplexity, significant
+from layerprune.similarity import decoder_layers, layer_distances, pad_token_id, tokenize
+from layerprune.slicing import slice_model
+from layerprune.texts import write_jsonl
+from layerprune.tiny_models import word_tokenizer
+from measure import bare_forward, body_flops, direct_loglikelihood
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, by a part of
 # torch.cuda.get_device_name(); the longest matching part wins ("H100 PCIe" before "H100"). Unknown: no MFU.
@@ -187,20 +180,18 @@ class Run:
 
 
 def markdown(data: dict) -> str:
-    lines = [
-        f"Measured {data['date']} by `{data['command']}` on {data['device']}; {data['machine']}.", "",
-        f"Model: {data['model']}. Settings: {json.dumps(data['settings'])}.", "",
-        "| step | wall s | tokens | tokens/s | TFLOP/s | MFU | peak device GB | notes |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    columns = ["step", "wall s", "tokens", "tokens/s", "TFLOP/s", "MFU", "peak device GB", "notes"]
+    rows = []
     for row in data["steps"]:
         mfu = row.get("mfu")
         cells = [row["step"], row.get("seconds"), row.get("tokens"), row.get("tokens_per_second"), row.get("tflops"),
                  None if mfu is None else f"{mfu:.1%}", row.get("peak_memory_gb"), row.get("notes") or row.get("error")]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        rows.append([_cell(c) for c in cells])
     status = "finished" if data["finished"] else "stopped early"
     skipped = f"; skipped: {', '.join(data['skipped'])}" if data["skipped"] else ""
-    return "\n".join(lines) + f"\n\n{status}{skipped}.\n"
+    return (f"Measured {data['date']} by `{data['command']}` on {data['device']}; {data['machine']}.\n\n"
+            f"Model: {data['model']}. Settings: {json.dumps(data['settings'])}.\n\n"
+            + markdown_table(columns, rows, right=columns[1:-1]) + f"\n{status}{skipped}.\n")
 
 
 def _cell(value) -> str:
@@ -403,7 +394,7 @@ def main(argv=None):
     steps = Steps(shape, sizes, device, work)
     peak = peak_tflops(device)
     run = Run(out, {
-        "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "date": now(),
         "command": "python bench/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name() if device == "cuda" else "CPU",
         "machine": machine(),

@@ -361,8 +361,10 @@ class HealData:
     validation_texts: int  # articles in the validation slice (at least heal.validation_texts)
 
     def shortfall(self, heal) -> int:
-        """Tokens of the budget left untrained because the text ran out (heal.repeat: false)."""
-        return heal.tokens - len(self.train) * heal.seq_len if self.steps else 0
+        """Tokens of the budget left untrained because the text ran out (heal.repeat: false). A budget that is not a
+        whole number of steps is rounded down to whole steps and is no shortfall."""
+        per_step = heal.batch_size * heal.accumulation * heal.seq_len
+        return heal.tokens // per_step * per_step - len(self.train) * heal.seq_len
 
 
 def stream_lengths(token_ids: list[list[int]], eos_id: int | None) -> list[int]:
@@ -429,9 +431,10 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
         return Result(0, 0, 0, None, {}, 0, 0.0)
 
     args = training_arguments(heal, steps, Path(checkpoints), device)
-    if data.shortfall(heal) and args.process_index == 0:
+    shortfall = data.shortfall(heal)
+    if shortfall and args.process_index == 0:
         print(f"heal: the training text packs into {len(data.train) * heal.seq_len:,} tokens, less than "
-              f"heal.tokens={heal.tokens:,}: training one pass, {steps} steps ({data.shortfall(heal):,} tokens short; "
+              f"heal.tokens={heal.tokens:,}: training one pass, {steps} steps ({shortfall:,} tokens short; "
               "heal.repeat: true reads the text again instead)", flush=True)
     if heal.batch_size % args.world_size:
         raise UserError(f"heal.batch_size={heal.batch_size} does not split over {args.world_size} processes")
@@ -477,7 +480,7 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
     return Result(
         steps=steps,
         tokens=len(data.train) * heal.seq_len,
-        shortfall=data.shortfall(heal),
+        shortfall=shortfall,
         validation_texts=data.validation_texts,
         trainable_parameters=trainable,
         train_loss=losses[-1] if losses else None,

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-from run import MARKERS, replace_block  # noqa: E402
+from run import DOCS_PAGE, MARKERS, replace_block  # noqa: E402
 
 ROWS = [
     "similarity: `layer_distances` tokens/s ÷ bare body forward",
@@ -39,9 +39,16 @@ def test_smoke_run_writes_the_table(tmp_path):
         assert math.isfinite(ratio) and ratio > 0, what
 
 
-def test_readme_block_is_replaced_and_nothing_else():
+def test_docs_block_is_replaced_and_nothing_else():
     start, end = MARKERS
-    readme = f"# Title\n\nintro\n{start}\nold table\n{end}\n\nrest\n"
-    assert replace_block(readme, "new table\n") == f"# Title\n\nintro\n{start}\nnew table\n{end}\n\nrest\n"
+    page = f"# Title\n\nintro\n{start}\nold table\n{end}\n\nrest\n"
+    assert replace_block(page, "new table\n") == f"# Title\n\nintro\n{start}\nnew table\n{end}\n\nrest\n"
     with pytest.raises(SystemExit, match="bench:start"):
         replace_block("no markers here\n", "new table\n")
+
+
+def test_the_benchmarks_page_has_one_table_for_update_docs():
+    """--update-docs rewrites the table between the markers of docs/benchmarks.md; the page must hold them once."""
+    text = (REPO / DOCS_PAGE).read_text()
+    updated = replace_block(text, "new table\n")
+    assert "new table\n" in updated and "| measurement | ratio |" not in updated

@@ -48,10 +48,36 @@ def stages() -> dict[str, dict]:
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
     paths = {key: value for entry in pipeline["vars"] for key, value in entry["paths"].items()}
     resolve = lambda text: re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m.group(1)], text)  # noqa: E731
+    outputs = lambda stage: [resolve(next(iter(out)) if isinstance(out, dict) else out)  # noqa: E731
+                             for out in stage.get("outs", []) + stage.get("metrics", [])]
     return {name: {"script": re.search(r"stages/\w+\.py", stage["cmd"]).group(0),
                    "deps": [resolve(dep) for dep in stage.get("deps", [])],
-                   "params": stage.get("params", [])}
+                   "params": stage.get("params", []),
+                   "paths": re.findall(r"--[\w-]+ (\S+)", resolve(" ".join(stage["cmd"].split()))),
+                   "outs": outputs(stage)}
             for name, stage in pipeline["stages"].items()}
+
+
+def path_check(stage: dict) -> tuple[list[str], list[str]]:
+    """(paths the command passes that are neither deps nor outputs, outputs the command never passes)."""
+    declared = set(stage["deps"]) | set(stage["outs"])
+    return sorted(set(stage["paths"]) - declared), sorted(set(stage["outs"]) - set(stage["paths"]))
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_every_path_the_command_passes_is_a_dep_or_an_output(name):
+    """A file the stage reads but does not list is a change DVC does not see (the heal reading metrics/choice.json
+    unlisted would heal the old cut after a new choice); an output the command does not name is never written."""
+    unlisted, unnamed = path_check(stages()[name])
+    assert not unlisted, f"{name} is passed paths that are neither deps nor outputs: {unlisted}"
+    assert not unnamed, f"{name} declares outputs its command never names: {unnamed}"
+
+
+def test_path_check_catches_a_read_that_is_not_a_dep():
+    stage = stages()["heal"]
+    assert "metrics/choice.json" in stage["paths"]
+    stage["deps"].remove("metrics/choice.json")
+    assert path_check(stage) == (["metrics/choice.json"], [])
 
 
 def test_the_package_init_runs_no_code():
@@ -320,3 +346,22 @@ def test_params_check_catches_a_missing_and_an_unread_param():
     stage["params"] = ["model.device", "heal.tokens", "heal.seq_len"]  # heal_model reads the whole section
     missing, extra = params_check(stage)
     assert "heal.learning_rate" in missing and "heal.processes" in missing and not extra
+
+
+# ---- the docs ----
+
+
+def test_architecture_doc_table_says_what_dvc_yaml_deps_say():
+    """docs/architecture.md lists, for each module of the package (and its data folders), the stages whose deps
+    list it: what an edit of it reruns. Made by docs/deps_table.py; it must not go stale."""
+    text = (REPO / "docs/architecture.md").read_text()
+    table = text.split("<!-- deps:start -->")[1].split("<!-- deps:end -->")[0]
+    documented = {}
+    for line in table.splitlines():
+        if match := re.fullmatch(r"\| `(layerprune/[\w./]+)` \| (.*) \|", line):
+            documented[match[1]] = {name for name in match[2].split(", ") if name != "—"}
+    modules = [str(path.relative_to(REPO)) for path in (REPO / PACKAGE).glob("*.py")]
+    modules += [f"{PACKAGE}/{folder}" for folder in package_data()]
+    listed = {name: {dep.rstrip("/") for dep in stage["deps"]} for name, stage in stages().items()}
+    expected = {module: {name for name, deps in listed.items() if module in deps} for module in modules}
+    assert documented == expected, "docs/architecture.md is stale: run python docs/deps_table.py --write"

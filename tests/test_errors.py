@@ -166,7 +166,7 @@ def test_hub_model_while_offline_points_at_the_bundled_default(tmp_path):
     ("model.safetensors", "no *.safetensors weights in the folder"),
 ])
 def test_local_model_folder_without_what_mergekit_reads(tmp_path, remove, fragment):
-    from tiny_models import tiny_llama
+    from layerprune.tiny_models import tiny_llama
 
     tiny_llama().save_pretrained(tmp_path / "mine")
     (tmp_path / "mine" / remove).unlink()
@@ -223,7 +223,7 @@ def test_block_that_does_not_fit_the_model(tmp_path, changes, fragment):
 def test_architecture_mergekit_cannot_slice_stops_the_model_stage(tmp_path):
     """A local folder with an architecture mergekit has no definition for: model-source accepts the folder, and the
     model stage stops with one line before any later stage spends time on it."""
-    from tiny_models import VOCAB, _build
+    from layerprune.tiny_models import VOCAB, _build
     from transformers import OPTConfig
 
     _build(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=6, num_attention_heads=4,

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_llama
+from layerprune.tiny_models import tiny_llama
 from transformers import PreTrainedTokenizerFast
 
 from layerprune.choose import kept_ranges, passthrough_config

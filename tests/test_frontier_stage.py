@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_llama, word_tokenizer
+from layerprune.tiny_models import VOCAB, tiny_llama, word_tokenizer
 
 from conftest import REPO
 from layerprune.params import load_params

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from tiny_models import VOCAB, tiny_llama
+from layerprune.tiny_models import VOCAB, tiny_llama
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from layerprune.errors import UserError
@@ -170,6 +170,26 @@ def test_training_and_validation_text_leave_out_the_held_out_articles():
         training_data(heal, number_tokenizer(), articles[:8], set())  # all 8 for validation, none left to train
     with pytest.raises(UserError, match="the training text packs into 1 blocks"):
         training_data(heal, number_tokenizer(), articles[:10], set())  # 2 articles left: 16 tokens, one block
+
+
+def test_the_shortfall_is_what_the_text_lacked_not_the_rounding_to_whole_steps():
+    # 50 articles of 7 tokens and EOS: 8 for validation, 42 × 8 = 336 tokens of training text, 21 blocks of 16
+    articles = [{"id": i, "text": " ".join([f"w{i + 2}"] * 7)} for i in range(50)]
+    ample = training_data(heal_params(tokens=64 * 3 + 10), number_tokenizer(), articles, set())
+    assert (ample.steps, ample.shortfall(heal_params(tokens=64 * 3 + 10))) == (3, 0)  # 202 tokens: 3 whole steps
+    heal = heal_params(tokens=64 * 8 + 10)  # 8 steps wanted, the text packs into 21 blocks: 5 steps of 4
+    short = training_data(heal, number_tokenizer(), articles, set())
+    assert (short.steps, len(short.train), short.shortfall(heal)) == (5, 20, 3 * 64)
+    repeated = training_data(heal_params(tokens=64 * 8 + 10, repeat=True), number_tokenizer(), articles, set())
+    assert (repeated.steps, repeated.shortfall(heal)) == (8, 0)
+
+
+def test_the_validation_slice_is_whole_batches():
+    # validation_texts=48 articles of 8 tokens pack into 24 blocks of 16; batch 5 keeps 20: 4 whole batches
+    articles = [{"id": i, "text": " ".join([f"w{i + 2}"] * 7)} for i in range(100)]
+    data = training_data(heal_params(validation_texts=48, batch_size=5, tokens=16 * 5), number_tokenizer(),
+                         articles, set())
+    assert data.validation_texts == 48 and data.validation.shape == (20, 16)
 
 
 def test_validation_size_takes_more_texts_only_when_they_do_not_fill_a_batch():

@@ -4,15 +4,17 @@ of the teacher, the trained weights and the saved dtype). Expected values are ha
 plain torch, never taken from heal.py."""
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_heal import _one_thread, heal_params, run_heal, work  # noqa: F401 (fixtures used by name)
-from tiny_models import VOCAB, tiny_llama, word_tokenizer
+from layerprune.tiny_models import VOCAB, tiny_llama, word_tokenizer
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from layerprune.heal import HealTrainer, fingerprint, resume_point, training_data
+from layerprune.params import HealParams
 
 # ---- fingerprint: the bytes of every input file, the params that change the result ----
 
@@ -56,6 +58,41 @@ def test_fingerprint_follows_the_bytes_of_every_input_file(inputs, tmp_path, edi
 def test_fingerprint_follows_the_params_that_change_the_result(inputs, change):
     base = {"loss": {"lm": 1.0, "kl": 1.0}, "head_every": 4}
     assert fingerprint(heal_params(**{**base, **change}), inputs) != fingerprint(heal_params(**base), inputs)
+
+
+def other_value(value):
+    """A different value of the same kind: every heal param, whatever its type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value + 0.5
+    if value is None:
+        return 4
+    if isinstance(value, str):
+        return value + "-other"
+    return value.model_copy(update={"kl": value.kl + 1})  # the loss weights
+
+
+@pytest.mark.parametrize("key", sorted(set(HealParams.model_fields) - {"processes"}))
+def test_fingerprint_follows_every_heal_param(inputs, key):
+    """Every heal param but the process count can change what a heal computes (or its schedule of checkpoints and
+    evaluations), so a checkpoint made with another value must never be resumed."""
+    heal = heal_params()
+    changed = heal.model_copy(update={key: other_value(getattr(heal, key))})
+    assert fingerprint(changed, inputs) != fingerprint(heal, inputs)
+
+
+def test_fingerprint_follows_the_heal_code(inputs, monkeypatch, tmp_path):
+    """A heal made by other code is another heal: the fingerprint hashes heal.py's bytes."""
+    import layerprune.heal
+
+    before = fingerprint(heal_params(), inputs)
+    edited = tmp_path / "heal.py"
+    edited.write_bytes(Path(layerprune.heal.__file__).read_bytes() + b"\n# an edit\n")
+    monkeypatch.setattr(layerprune.heal, "__file__", str(edited))
+    assert fingerprint(heal_params(), inputs) != before
 
 
 def test_fingerprint_ignores_the_number_of_processes(inputs):

@@ -63,7 +63,7 @@ def fake_hub_cache(hf_home: Path, repo_id: str, model) -> str:
 def test_hub_model_resolves_to_a_pinned_commit_and_slices_from_it(tmp_path, monkeypatch):
     """The hub path of the model stage, offline: a cached repo resolves `main` to its commit sha, and mergekit
     reads the `id@sha` reference that choose-range writes."""
-    from tiny_models import tiny_llama
+    from layerprune.tiny_models import tiny_llama
 
     from layerprune.choose import passthrough_config
     from layerprune.slicing import slice_model
@@ -82,7 +82,7 @@ def test_hub_model_resolves_to_a_pinned_commit_and_slices_from_it(tmp_path, monk
 
 
 def test_license_comes_from_the_model_card_else_from_the_param(tmp_path):
-    from tiny_models import tiny_llama
+    from layerprune.tiny_models import tiny_llama
 
     tiny_llama().save_pretrained(tmp_path / "mine")
     source = locate(str(tmp_path / "mine"), "main")
@@ -98,7 +98,7 @@ def test_license_comes_from_the_model_card_else_from_the_param(tmp_path):
 
 
 def test_local_folder_fingerprint_changes_when_weights_are_replaced_only(tmp_path):
-    from tiny_models import tiny_llama
+    from layerprune.tiny_models import tiny_llama
 
     tiny_llama(seed=0).save_pretrained(tmp_path / "mine")
     first = locate(str(tmp_path / "mine"), "main")

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 from test_frontier_stage import load_stage
-from tiny_models import tiny_llama
+from layerprune.tiny_models import tiny_llama
 
 from conftest import REPO
 from layerprune.models import ModelInfo

@@ -125,6 +125,7 @@ def load_scale():
 @pytest.fixture
 def clocked(monkeypatch):
     """bench/scale.py loaded in this process, its perf_counter a Clock."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # as `python bench/scale.py` has it: its siblings common, measure
     module = load_scale()
     clock = Clock()
     monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=clock, time=__import__("time").time))

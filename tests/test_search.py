@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from tiny_models import ALL_LAYOUTS, VOCAB, tiny_gemma3, tiny_llama
+from layerprune.tiny_models import ALL_LAYOUTS, VOCAB, tiny_gemma3, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from layerprune.choose import Block, kept_ranges, passthrough_config

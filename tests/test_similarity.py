@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
-from tiny_models import ALL_LAYOUTS, VOCAB, tiny_llama, word_tokenizer
+from layerprune.tiny_models import ALL_LAYOUTS, VOCAB, tiny_llama, word_tokenizer
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from layerprune.errors import UserError

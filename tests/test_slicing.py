@@ -9,7 +9,7 @@ import torch
 from mergekit.architecture.json_definitions import NAME_TO_ARCH
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
-from tiny_models import ALL_LAYOUTS, VOCAB, _build, tiny_falcon11b, tiny_gemma3
+from layerprune.tiny_models import ALL_LAYOUTS, VOCAB, _build, tiny_falcon11b, tiny_gemma3
 from transformers import AutoModelForCausalLM, AutoTokenizer, FalconConfig, OPTConfig, PreTrainedTokenizerFast
 
 import layerprune.slicing
