@@ -27,6 +27,18 @@ def smollm2_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny matmuls
+    gain nothing from threads, and on a busy machine every thread barrier waits for a time slice."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(items):
     """The end-to-end module first. `make test` runs two workers, each taking one file at a time in this order
     (--dist loadfile --no-loadscope-reorder): one worker spends the whole run on that module, the other on all the

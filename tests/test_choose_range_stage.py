@@ -5,7 +5,6 @@ import csv
 import json
 
 import pytest
-import torch
 import yaml
 from test_frontier_stage import load_stage, planted_model, reference_nll, workspace, write_distances, write_jsonl
 
@@ -17,13 +16,7 @@ PLANTED_BLOCK = (4, 5)  # layer 5 adds exactly nothing, layer 4 is scaled down (
 SEARCH_TEXTS = 4  # of 6 calibration texts: the premise holds on the first 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy machine every thread barrier waits for a time slice.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ column holds that strategy's pick (worked out by hand from the planted layers an
 every distinct set of dropped layers is scored once. The stage runs once per module, with real lm-eval behind a spy
 that records which layers each scored model lacks and what lm-eval said of it; the calibration losses are checked
 against a naive reference."""
-import copy
 import csv
 import importlib.util
 import json
@@ -13,6 +12,7 @@ import torch
 from layerprune.tiny_models import VOCAB, tiny_llama, word_tokenizer
 
 from conftest import REPO
+from test_search import mean_nll, removed_by_hand
 from layerprune.params import load_params
 from layerprune.perplexity import significant
 
@@ -60,17 +60,7 @@ def planted_model(scales=PLANTED_SCALES, num_layers=NUM_LAYERS, num_texts=4, see
 
 def reference_nll(model, texts, dropped=()):
     """Mean next-token NLL of a copy with the layers deleted, one text at a time: independent of layerprune."""
-    model = copy.deepcopy(model)
-    kept = [i for i in range(len(model.model.layers)) if i not in set(dropped)]
-    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in kept)
-    model.config.num_hidden_layers = len(kept)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in texts:
-            logits = model(torch.tensor([ids]), use_cache=False).logits[0, :-1]
-            total += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
-            count += len(ids) - 1
-    return total / count
+    return mean_nll(removed_by_hand(model, dropped), texts)
 
 
 def words(ids):
@@ -126,13 +116,7 @@ def planted():
     return planted_model()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy machine every thread barrier waits for a time slice.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_premise_of_the_planted_model(planted):

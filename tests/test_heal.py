@@ -27,12 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 DROPPED = [3, 4]  # of the tiny 8-layer base
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls gain nothing from threads on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def heal_params(**changes) -> HealParams:

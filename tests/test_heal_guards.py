@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_heal import _one_thread, heal_params, run_heal, work  # noqa: F401 (fixtures used by name)
+from test_heal import heal_params, run_heal, work  # noqa: F401 (work: a fixture, used by name)
 from layerprune.tiny_models import VOCAB, tiny_llama, word_tokenizer
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from layerprune.heal import HealTrainer, fingerprint, resume_point, training_data
 from layerprune.params import HealParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- fingerprint: the bytes of every input file, the params that change the result ----
 

@@ -24,12 +24,12 @@ def _texts(seed=0, lengths=(12, 9, 5, 12, 2)):
     return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
 
 
-def _removed_by_hand(model, dropped):
+def removed_by_hand(model, dropped):
     """The reference: a copy of the model with the layers deleted, as mergekit's slice would have it."""
     model = copy.deepcopy(model)
     owner = model.transformer if hasattr(model, "transformer") else model.model
     name = "h" if hasattr(model, "transformer") else "layers"
-    kept = [i for i in range(NUM_LAYERS) if i not in dropped]
+    kept = [i for i in range(len(getattr(owner, name))) if i not in set(dropped)]
     setattr(owner, name, torch.nn.ModuleList(getattr(owner, name)[i] for i in kept))
     model.config.num_hidden_layers = len(kept)
     if getattr(model.config, "layer_types", None) is not None:
@@ -37,7 +37,7 @@ def _removed_by_hand(model, dropped):
     return model
 
 
-def _mean_nll(model, texts):
+def mean_nll(model, texts):
     """Mean next-token NLL, one text at a time (no padding, no batching: independent of LossSearch's passes)."""
     total, count = 0.0, 0
     with torch.no_grad():
@@ -56,14 +56,14 @@ def test_shared_prefix_equals_the_whole_pruned_model(layout):
     # blocks at the first layer (no prefix), in the middle, and at the last (no layer after it)
     blocks = [tuple(Block(start, 2)) for start in range(NUM_LAYERS - 1)]
     losses = search.block_losses((), blocks)
-    whole = _mean_nll(model, texts)
+    whole = mean_nll(model, texts)
     for block, loss in zip(blocks, losses):
-        reference = _mean_nll(_removed_by_hand(model, block), texts)
+        reference = mean_nll(removed_by_hand(model, block), texts)
         assert abs(loss - reference) < 1e-5, (block, loss, reference)
         assert abs(reference - whole) > 1e-3  # the block matters, so the comparison means something
     # on top of layers already removed (the iterative search's case): one pass of the pruned model is the prefix
     for block, loss in zip([(0,), (2,), (4, 5)], search.block_losses({1, 3}, [(0,), (2,), (4, 5)])):
-        assert abs(loss - _mean_nll(_removed_by_hand(model, {1, 3, *block}), texts)) < 1e-5
+        assert abs(loss - mean_nll(removed_by_hand(model, {1, 3, *block}), texts)) < 1e-5
     torch.testing.assert_close(search.full_loss((2, 3)), losses[2], rtol=0, atol=1e-5)
 
 
@@ -94,11 +94,11 @@ def test_mergekit_slice_of_any_layer_set_equals_removal_in_memory(dropped, tmp_p
     assert sliced.config.layer_types == [model.config.layer_types[i] for i in kept]
     texts = _texts()
     with without_layers(model, dropped):
-        in_memory = _mean_nll(model, texts)
-    assert abs(_mean_nll(sliced, texts) - in_memory) < 1e-5
+        in_memory = mean_nll(model, texts)
+    assert abs(mean_nll(sliced, texts) - in_memory) < 1e-5
     if dropped == (1, 2):  # and the loss search's candidate, scored with its shared prefix
         (candidate,) = LossSearch(model, texts, batch_size=2, progress=False).block_losses((), [dropped])
-        assert abs(candidate - _mean_nll(sliced, texts)) < 1e-5
+        assert abs(candidate - mean_nll(sliced, texts)) < 1e-5
 
 
 def _with_planted_identities(layers_to_plant):
@@ -123,7 +123,7 @@ def test_iterative_finds_planted_identity_layers():
     planted = {1, 3}
     model, texts = _with_planted_identities(planted)
     search = LossSearch(model, texts, batch_size=2, progress=False)
-    base = _mean_nll(model, texts)
+    base = mean_nll(model, texts)
     # the premise: removing a planted layer is ~free, removing any other costs
     singles = dict(zip(range(5), search.block_losses((), [(i,) for i in range(5)])))
     assert all(abs(singles[i] - base) < 1e-3 for i in planted)

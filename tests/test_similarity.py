@@ -44,13 +44,7 @@ def build(layout):
 LAYOUTS = sorted(FINAL_NORM)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy machine every thread barrier waits for a time slice.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def samples(seed=1):
