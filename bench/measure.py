@@ -14,7 +14,8 @@ from multiprocessing import get_context
 import psutil
 import torch
 
-from layerprune.similarity import _batches, _body, _pad, decoder_layers
+from layerprune.forward import batches, body, model_inputs, pad
+from layerprune.layers import decoder_layers
 
 
 def interleave(contestants: dict, rounds: int) -> dict[str, list]:
@@ -104,12 +105,10 @@ def body_flops(model, lengths: list[int]) -> float:
 def bare_forward(model, token_ids, batch_size: int, pad_id: int) -> None:
     """The floor under layer_distances: the same body (no lm_head), the same batches, no hooks, no metrics.
     Uses layer_distances' own batching and padding helpers, so the batches are the same by construction."""
-    body = _body(model, decoder_layers(model))
+    forward = body(model)
     with torch.inference_mode():
-        for batch in _batches(token_ids, batch_size):
-            input_ids, mask = _pad(batch, "right", pad_id)
-            body(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                 use_cache=False)
+        for batch in batches(token_ids, batch_size):
+            forward(**model_inputs(batch, pad_id=pad_id, device="cpu"))
 
 
 def pruneme_pass(model, token_ids, n: int, batch_size: int, pad_id: int) -> list[float]:
@@ -120,7 +119,7 @@ def pruneme_pass(model, token_ids, n: int, batch_size: int, pad_id: int) -> list
     sums = None
     with torch.no_grad():
         for begin in range(0, len(token_ids), batch_size):
-            input_ids, mask = _pad(token_ids[begin : begin + batch_size], "right", pad_id)
+            input_ids, mask = pad(token_ids[begin : begin + batch_size], "right", pad_id)
             hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
             last = mask.sum(-1) - 1
             states = [h[torch.arange(len(last)), last] for h in hidden[1:]]
@@ -152,7 +151,7 @@ def direct_loglikelihood(model, tokenizer, texts: list[str], max_length: int, ba
     with torch.inference_mode():
         for begin in range(0, len(windows), batch_size):
             batch = windows[begin : begin + batch_size]
-            input_ids, _ = _pad([(context + target)[:-1] for context, target in batch], "right", 0)
+            input_ids, _ = pad([(context + target)[:-1] for context, target in batch], "right", 0)
             logprobs = model(input_ids=input_ids).logits.log_softmax(-1)  # right padding: no mask needed
             for row, (context, target) in enumerate(batch):
                 positions = torch.arange(len(context) - 1, len(context) - 1 + len(target))

@@ -26,12 +26,16 @@ from common import (  # first: offline switches
 )
 import torch
 
-from layerprune.choose import Block, kept_ranges, passthrough_config
+from layerprune.files import write_jsonl
+from layerprune.forward import pad_token_id, tokenize
+from layerprune.layers import decoder_layers
 from layerprune.models import ModelInfo, export_bundled, load_model
 from layerprune.params import load_params
 from layerprune.perplexity import evaluate_perplexity
-from layerprune.similarity import decoder_layers, layer_distances, pad_token_id, tokenize
-from layerprune.texts import fetch_bundled, split_samples, write_jsonl
+from layerprune.ranges import kept_ranges, passthrough_config
+from layerprune.similarity import layer_distances
+from layerprune.strategies import Block
+from layerprune.texts import fetch_bundled, split_samples
 from measure import (
     bare_forward, body_flops, direct_loglikelihood, in_child, interleave, matmul_flops_per_second, pruneme_pass,
     ratio, similarity_peak_rss, timed, timed_slice,

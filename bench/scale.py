@@ -40,13 +40,15 @@ import psutil
 import torch
 from transformers import AutoModelForCausalLM, FalconConfig
 
-from layerprune.choose import check_ranges, choose_block, kept_ranges, passthrough_config
-from layerprune.files import check_free_space, write_json
+from layerprune.files import check_free_space, significant, write_json, write_jsonl
+from layerprune.forward import pad_token_id, tokenize
+from layerprune.layers import decoder_layers
 from layerprune.models import count_parameters, num_layers as layers_in
-from layerprune.perplexity import evaluate_perplexity, significant
-from layerprune.similarity import decoder_layers, layer_distances, pad_token_id, tokenize
+from layerprune.perplexity import evaluate_perplexity
+from layerprune.ranges import check_ranges, kept_ranges, passthrough_config
+from layerprune.similarity import layer_distances
 from layerprune.slicing import slice_model
-from layerprune.texts import write_jsonl
+from layerprune.strategies import Block, Problem, similarity
 from layerprune.tiny_models import word_tokenizer
 from measure import bare_forward, body_flops, direct_loglikelihood
 
@@ -301,7 +303,8 @@ class Steps:
 
     def choose_range(self) -> dict:
         scores, layers = self.distances.scores("angular_last"), self.num_layers
-        block = choose_block(scores, layers, self.block_size, "similarity", keep_first=0, keep_last=1)
+        pick = similarity(Problem(layers, self.block_size, 0, 1, "angular_last", scores, search=None))
+        block = Block(pick.dropped[0], self.block_size)
         ranges = kept_ranges(layers, block)
         check_ranges(ranges, layers, keep_first=0, keep_last=1)
         # The seed's shape, [0, start] + [start + block, layers]: the final layer is kept (the seed's [55, 59] lost it)

@@ -6,9 +6,10 @@ import re
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from layerprune.models import ModelInfo
+from layerprune.strategies import STRATEGIES, Choice
 
 # Rows of the perplexity table: (label, key in metrics/perplexity_*.json, format)
-PERPLEXITY_ROWS = [  # four significant digits: what the metrics files keep (perplexity.significant)
+PERPLEXITY_ROWS = [  # four significant digits: what the metrics files keep (files.significant)
     ("word perplexity", "word_perplexity", "{:.4g}"),
     ("byte perplexity", "byte_perplexity", "{:.4g}"),
     ("bits per byte", "bits_per_byte", "{:.4g}"),
@@ -40,12 +41,12 @@ def card_data(*, lang: str, info: ModelInfo, corpus: dict, perplexity: dict[str,
     )
 
 
-def render_card(*, lang: str, info: ModelInfo, choice: dict, corpus: dict, sample: dict, merge_yaml: str,
+def render_card(*, lang: str, info: ModelInfo, choice: Choice, corpus: dict, sample: dict, merge_yaml: str,
                 perplexity: dict[str, dict], heal: dict | None = None, images: dict[str, str] | None = None) -> str:
     """The whole card (README.md of the release folder). heal: {"params": ..., "metrics": ...} when healing ran;
     images: file name in the release folder -> caption."""
     base = info.base_model or info.id
-    name = f"{base.split('/')[-1]}-{choice['layers_kept']}L-{lang}"
+    name = f"{base.split('/')[-1]}-{choice.layers_kept}L-{lang}"
     data = card_data(lang=lang, info=info, corpus=corpus, perplexity=perplexity, model_name=name)
     healed = heal is not None and "healed" in perplexity
     provenance = {
@@ -57,7 +58,7 @@ def render_card(*, lang: str, info: ModelInfo, choice: dict, corpus: dict, sampl
     pictures = "\n\n".join(f"![{caption}]({file})" for file, caption in (images or {}).items())
     body = f"""# {name}
 
-`{base}` with {choice['n']} of its {choice['layers_before']} decoder layers removed ({choice['layers_kept']} kept),
+`{base}` with {choice.n} of its {choice.layers_before} decoder layers removed ({choice.layers_kept} kept),
 chosen on `{lang}` text{", then healed by training on it" if healed else ""}. Made by the layerprune pipeline:
 the layers were cut out with [mergekit](https://github.com/arcee-ai/mergekit)'s passthrough merge and every number
 below was measured with [lm-eval](https://github.com/EleutherAI/lm-evaluation-harness).
@@ -69,9 +70,9 @@ below was measured with [lm-eval](https://github.com/EleutherAI/lm-evaluation-ha
 | calibration text | {sample['calibration_texts']} texts of {corpus['corpus']} |
 | held-out text | {sample['eval_texts']} other texts of the same corpus, used only for the numbers below |
 | how the layers were chosen | {_method(choice)} |
-| dropped layers | {choice['dropped_layers']} ({choice['n']} layers) |
-| kept layer ranges (half-open) | {choice['kept_ranges']} |
-| parameters | {choice['parameters_before']:,} → {choice['parameters_after']:,} |
+| dropped layers | {choice.dropped_layers} ({choice.n} layers) |
+| kept layer ranges (half-open) | {choice.kept_ranges} |
+| parameters | {choice.parameters_before:,} → {choice.parameters_after:,} |
 | healing | {_heal_summary(heal) if healed else "none: the weights are the pruned model's"} |
 
 ## Results
@@ -101,15 +102,9 @@ dvc exp run -S lang={lang} -S model.id={info.id}
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").content
 
 
-def _method(choice: dict) -> str:
-    strategy = choice["strategy"]
-    if strategy == "similarity":
-        why = f"the lowest `{choice['metric']}` distance ({choice['score']})"
-    elif strategy == "deepest":
-        why = "the deepest layers before the protected ones (Gromov et al.'s baseline)"
-    else:
-        why = f"the lowest {choice.get('score_name', 'score')} ({choice['score']})"
-    return f"strategy `{strategy}`: {why}"
+def _method(choice: Choice) -> str:
+    why = STRATEGIES[choice.strategy].why.format(metric=choice.metric, score=choice.score)
+    return f"strategy `{choice.strategy}`: {why}"
 
 
 def _heal_summary(heal: dict) -> str:

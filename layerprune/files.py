@@ -1,6 +1,9 @@
-"""Atomic output writing: a stage killed midway never leaves a half-written file or folder for DVC to record."""
+"""Reading and writing the files stages hand each other (JSON, JSONL, CSV, folders), atomically: a stage killed
+midway never leaves a half-written file or folder for DVC to record. Numbers written to git-tracked files are
+rounded (`significant`) to what repeats across runs and machines."""
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -35,6 +38,37 @@ def read_json(path):
 
 def write_json(path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def significant(value, digits: int = 4):
+    """value rounded to `digits` significant digits, recursively through dicts and lists.
+
+    Evaluation numbers move in the fifth digit between runs on the same kind of machine (summation order of fp32
+    kernels), so git-tracked files carry four: a rerun of a committed state then rewrites them unchanged."""
+    if isinstance(value, dict):
+        return {key: significant(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [significant(item, digits) for item in value]
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+    return value
+
+
+def link_or_copy(source, target) -> None:
+    """A hardlink where the file system allows it (same disk), else a copy: weights are never copied needlessly."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 @contextmanager

@@ -3,12 +3,21 @@ each similarity metric ranks blocks by what removing them costs. Pure: the measu
 import numpy as np
 from scipy.stats import spearmanr
 
-from layerprune.choose import allowed_starts
 from layerprune.errors import UserError
 from layerprune.similarity import METRICS
+from layerprune.strategies import STRATEGIES, allowed_starts
 
-# Similarity under each metric is named by the metric; then the baseline, and the two searches on calibration loss
-STRATEGIES = (*METRICS, "deepest", "loss", "iterative")
+
+def columns() -> dict[str, tuple[str, str | None]]:
+    """The frontier's lines, column name -> (strategy, similarity metric): a strategy that picks by the similarity
+    metric draws one line per metric, named by the metric; any other one line, named by the strategy."""
+    found = {}
+    for name, strategy in STRATEGIES.items():
+        for column, metric in ([(m, m) for m in METRICS] if strategy.per_metric else [(name, None)]):
+            if column in found:
+                raise ValueError(f"two frontier lines named {column!r}: rename a strategy")
+            found[column] = (name, metric)
+    return found
 
 
 def check_sizes(sizes: list[int], num_layers: int, keep_first: int, keep_last: int) -> None:
@@ -31,18 +40,18 @@ def rank_correlations(scores: dict[str, np.ndarray], losses: dict[int, float], n
     return {metric: round(float(spearmanr(matrix[n, starts], cost).statistic), 4) for metric, matrix in scores.items()}
 
 
-def per_strategy(picks: dict[tuple[str, int], tuple[int, ...]], value) -> dict[str, dict[str, object]]:
-    """{n: {strategy: value(its dropped layers)}}, the shape `dvc metrics show` flattens to frontier.json:<key>.n.s"""
+def per_column(picks: dict[tuple[str, int], tuple[int, ...]], value) -> dict[str, dict[str, object]]:
+    """{n: {column: value(its dropped layers)}}: `dvc metrics show` flattens it to frontier.json:<key>.n.column"""
     sizes = sorted({n for _, n in picks})
-    return {str(n): {strategy: value(picks[strategy, n]) for strategy in STRATEGIES} for n in sizes}
+    return {str(n): {column: value(picks[column, n]) for column in columns()} for n in sizes}
 
 
 def frontier_rows(picks: dict[tuple[str, int], tuple[int, ...]], bits_per_byte: dict[tuple[int, ...], float],
                   base_bits_per_byte: float) -> list[dict]:
-    """One row per number of layers removed (0 is the base model), one column per strategy: what `dvc plots`
-    draws as one line per strategy. picks: (strategy, n) -> dropped layers; bits_per_byte: dropped layers -> value."""
+    """One row per number of layers removed (0 is the base model), one column per frontier line: what `dvc plots`
+    draws as one line per column. picks: (column, n) -> dropped layers; bits_per_byte: dropped layers -> value."""
     sizes = sorted({n for _, n in picks})
-    rows = [{"layers_removed": 0, **{strategy: base_bits_per_byte for strategy in STRATEGIES}}]
+    rows = [{"layers_removed": 0, **{column: base_bits_per_byte for column in columns()}}]
     for n in sizes:
-        rows.append({"layers_removed": n, **{s: bits_per_byte[picks[s, n]] for s in STRATEGIES}})
+        rows.append({"layers_removed": n, **{column: bits_per_byte[picks[column, n]] for column in columns()}})
     return rows

@@ -10,7 +10,6 @@ the Trainer's.
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -21,8 +20,10 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import DVCLiveCallback
 
-from layerprune.choose import runs
 from layerprune.errors import UserError
+from layerprune.files import atomic_dir, link_or_copy, read_json, write_json
+from layerprune.layers import decoder_layers
+from layerprune.strategies import runs
 
 FINGERPRINT = "fingerprint.json"
 # What the DVCLive log keeps: numbers that repeat exactly between identical runs (no runtimes, no timestamps).
@@ -121,8 +122,6 @@ def matched_states(dropped: list[int], num_pruned_layers: int, per_side: int) ->
 
 def select_trainable(model, heal, cut: list[int]):
     """Freeze all but the chosen weights; returns the model to train (a peft model for LoRA)."""
-    from layerprune.similarity import decoder_layers
-
     layers = decoder_layers(model)
     if heal.trainable == "lora":
         from peft import LoraConfig, get_peft_model
@@ -258,10 +257,10 @@ def resume_point(checkpoints: Path, expected: str) -> str | None:
     A checkpoint is complete once its trainer_state.json exists: the Trainer writes that file last."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     stamp = checkpoints / FINGERPRINT
-    if not stamp.exists() or json.loads(stamp.read_text())["fingerprint"] != expected:
+    if not stamp.exists() or read_json(stamp)["fingerprint"] != expected:
         for old in checkpoints.iterdir():
             shutil.rmtree(old) if old.is_dir() else old.unlink()
-        stamp.write_text(json.dumps({"fingerprint": expected}) + "\n")
+        write_json(stamp, {"fingerprint": expected})
         return None
     done = [d for d in checkpoints.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
     return str(max(done, key=lambda d: int(d.name.split("-")[1]))) if done else None
@@ -315,13 +314,6 @@ def save_healed(model, pruned_dir: Path, out_dir: Path, dtype: torch.dtype) -> N
     for path in Path(pruned_dir).iterdir():
         if path.is_file() and not path.name.endswith(".safetensors") and not path.name.endswith(".index.json"):
             shutil.copy2(path, out_dir / path.name)
-
-
-def link_files(src: Path, out_dir: Path) -> None:
-    """heal.tokens = 0: the healed model is the pruned one, as hard links (no copy of the weights)."""
-    for path in Path(src).iterdir():
-        if path.is_file():
-            os.link(path, out_dir / path.name)
 
 
 @dataclass
@@ -414,8 +406,6 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
     """Train the pruned model as heal params say and write it to out_dir (rank 0); resumes from `checkpoints`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from layerprune.files import atomic_dir
-
     config = AutoConfig.from_pretrained(pruned_dir)
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
     if context is not None and heal.seq_len > context:
@@ -423,8 +413,10 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
     data = training_data(heal, AutoTokenizer.from_pretrained(pruned_dir), articles, held_out_ids)
     steps = data.steps
     if steps == 0:
-        with atomic_dir(out_dir) as tmp:
-            link_files(pruned_dir, tmp)
+        with atomic_dir(out_dir) as tmp:  # heal.tokens = 0: the pruned model, hardlinked (no copy of the weights)
+            for path in Path(pruned_dir).iterdir():
+                if path.is_file():
+                    link_or_copy(path, tmp / path.name)
         for empty in (checkpoints, log_dir):  # DVC outputs, even when nothing trains
             shutil.rmtree(empty, ignore_errors=True)
             Path(empty).mkdir(parents=True)
@@ -442,7 +434,7 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
     with args.main_process_first(local=False, desc="checkpoint fingerprint"):
         # Rank 0 hashes the inputs and clears foreign checkpoints first; the others then take what it wrote.
         main = args.process_index == 0
-        expected = fingerprint(heal, fingerprint_inputs) if main else json.loads(stamp.read_text())["fingerprint"]
+        expected = fingerprint(heal, fingerprint_inputs) if main else read_json(stamp)["fingerprint"]
         start = resume_point(Path(checkpoints), expected)
     args.eval_on_start = start is None  # a resumed run has the step-0 evaluation in its history already
 

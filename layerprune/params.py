@@ -9,6 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from layerprune.bundled import BUNDLED_MODELS, NOT_TEXT, bundled_languages
 from layerprune.errors import UserError
+from layerprune.strategies import STRATEGIES
 
 
 class Section(BaseModel):
@@ -85,7 +86,8 @@ class SimilarityParams(Section):
 
 
 class PruneParams(Section):
-    strategy: Literal["similarity", "deepest", "loss", "iterative"] = "similarity"
+    strategy: Literal[tuple(STRATEGIES)] = Field("similarity", description="how the layers are picked: "
+                                                 "strategies.STRATEGIES")
     layers: Optional[int] = Field(None, description="block size n; or set fraction")
     fraction: Optional[float] = Field(None, gt=0, lt=1, description="block size as a fraction of the layers")
     keep_first: int = Field(0, ge=0, description="never drop the first k layers")

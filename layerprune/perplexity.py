@@ -1,7 +1,6 @@
 """Perplexity on held-out texts through lm-evaluation-harness: a task generated from our JSONL file, scored
 by lm-eval's `hf` model with disjoint rolling windows of `max_length` tokens (as its wikitext task does)."""
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ TASK_NAME = "layerprune_heldout"
 # lm-eval's own metrics and aggregations, named as in its registry. Giving the aggregation and direction
 # explicitly saves six "aggregation is not defined" warnings per run. Words and bytes are counted by lm-eval
 # on the scored text (ConfigurableTask.count_words: whitespace split; count_bytes: UTF-8 length).
-METRICS = {
+PERPLEXITY_METRICS = {
     "word_perplexity": "weighted_perplexity",
     "byte_perplexity": "weighted_perplexity",
     "bits_per_byte": "bits_per_byte",
@@ -40,7 +39,7 @@ def write_task(eval_texts_path: Path, task_dir: Path, task_name: str) -> None:
         "doc_to_target": "{{text}}",
         "metric_list": [
             {"metric": metric, "aggregation": aggregation, "higher_is_better": False}
-            for metric, aggregation in METRICS.items()
+            for metric, aggregation in PERPLEXITY_METRICS.items()
         ],
         "metadata": {"version": 1.0},
     }
@@ -116,7 +115,7 @@ def evaluate_perplexity(
     num_tokens = sum(len(lm.tok_encode(sample["arguments"][0][0])) for sample in samples)
     metrics = results["results"][TASK_NAME]
     return {
-        **{metric: metrics[f"{metric},none"] for metric in METRICS},
+        **{metric: metrics[f"{metric},none"] for metric in PERPLEXITY_METRICS},
         "tasks": {task: task_scores(results["results"][task]) for task in tasks},
         "num_texts": len(samples),
         "dropped_texts": dropped,
@@ -136,20 +135,6 @@ def task_scores(task_results: dict) -> dict:
     """lm-eval's "acc,none": 0.5, "acc_stderr,none": ... -> {"acc": 0.5, "acc_stderr": ...}, numbers only."""
     return {key.split(",")[0]: value for key, value in task_results.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
-
-
-def significant(value, digits: int = 4):
-    """value rounded to `digits` significant digits, recursively through dicts and lists.
-
-    Evaluation numbers move in the fifth digit between runs on the same kind of machine (summation order of fp32
-    kernels), so git-tracked files carry four: a rerun of a committed state then rewrites them unchanged."""
-    if isinstance(value, dict):
-        return {key: significant(item, digits) for key, item in value.items()}
-    if isinstance(value, list):
-        return [significant(item, digits) for item in value]
-    if isinstance(value, float) and math.isfinite(value) and value != 0:
-        return round(value, digits - 1 - math.floor(math.log10(abs(value))))
-    return value
 
 
 def _read_texts(path: Path) -> tuple[list[dict], dict[str, int]]:

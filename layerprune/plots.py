@@ -7,7 +7,7 @@ matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from layerprune.choose import layers_label, runs  # noqa: E402
+from layerprune.strategies import layers_label, runs  # noqa: E402
 from layerprune.files import atomic_write_bytes  # noqa: E402
 
 

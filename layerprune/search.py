@@ -1,13 +1,12 @@
-"""Which layers to drop, judged by what dropping them costs: the calibration loss of the model without them.
+"""The calibration loss of a model without given layers, for the strategies that choose by what dropping costs
+(strategies.py: `loss` after Shortened LLaMA, `iterative` after SLEB).
 
-Shortened LLaMA (Kim et al. 2024) picks the block of n layers whose removal hurts the loss least; SLEB (Song et al.
-2024) removes one layer at a time, each time the cheapest. Both need the loss of many pruned models, and a naive
-loop runs each pruned model whole. Here the candidates share a prefix: one pass of the (possibly already pruned)
-model records the hidden state entering every layer, and a candidate that drops the layers from position p on runs
-only the layers after its block, the final norm and the head, starting from the recorded state at p.
+Those strategies need the loss of many pruned models, and a naive loop runs each pruned model whole. Here the
+candidates share a prefix: one pass of the (possibly already pruned) model records the hidden state entering every
+layer, and a candidate that drops the layers from position p on runs only the layers after its block, the final
+norm and the head, starting from the recorded state at p.
 
-Layers are removed in memory (`without_layers`), the way mergekit's passthrough slice removes them on disk: the
-kept layers keep their weights and their own per-layer config entries (Gemma 3's sliding/full `layer_types`).
+Layers are removed in memory (without_layers), the way mergekit's passthrough slice removes them on disk.
 Nothing is hand-written of a model's forward pass: a candidate runs the model's own forward, with the state
 recorded at p put in place of the token embeddings (the embeddings feed the first layer it keeps).
 """
@@ -17,11 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from layerprune.choose import Block, allowed_starts
 from layerprune.errors import UserError
-# similarity's batching, padding and hooks: the loss passes see the texts exactly as the similarity pass does
-from layerprune.similarity import _batches, _body, _Capture, _pad, decoder_layers, pad_token_id, tokenize
-from layerprune.slicing import slice_per_layer_lists
+# the similarity pass's batching, padding and hooks: the loss passes see the texts exactly as it does
+from layerprune.forward import Capture, batches, body, model_inputs, pad_token_id, tokenize
+from layerprune.layers import decoder_layers, slice_per_layer_lists
 
 
 @contextmanager
@@ -70,9 +68,13 @@ def _scored(mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood over the real tokens (each predicted from the one before)."""
-    logprobs = logits[:, :-1].float().log_softmax(-1)
-    return -logprobs.gather(-1, input_ids[:, 1:, None])[..., 0][_scored(mask)].sum()
+    """Summed next-token negative log-likelihood over the real tokens (each predicted from the one before).
+
+    logsumexp minus the target's logit is log-softmax at the target alone: no (batch, seq, vocab) tensor of
+    log-probabilities is written (262k entries per token on Gemma 3; writing them was a fifth of the search)."""
+    logits = logits[:, :-1].float()
+    target = logits.gather(-1, input_ids[:, 1:, None])[..., 0]
+    return (torch.logsumexp(logits, -1) - target)[_scored(mask)].sum()
 
 
 def layer_flops(model) -> list[int]:
@@ -101,11 +103,6 @@ class LossSearch:
         self._flops_per_token = layer_flops(self.model)
         self._device = self.model.get_input_embeddings().weight.device
 
-    def _inputs(self, batch):
-        input_ids, mask = _pad(batch, "right", self.pad_id)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return input_ids.to(self._device), mask.to(self._device), position_ids.to(self._device)
-
     def _count(self, layers_run, mask) -> None:
         self.flops += int(mask.sum()) * sum(self._flops_per_token[i] for i in layers_run)
 
@@ -114,10 +111,10 @@ class LossSearch:
         kept = [i for i in range(self.num_layers) if i not in set(dropped)]
         total, count = torch.zeros((), dtype=torch.float64), 0
         with without_layers(self.model, dropped), torch.inference_mode():
-            for batch in _batches(self.token_ids, self.batch_size):
-                input_ids, mask, position_ids = self._inputs(batch)
-                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                    use_cache=False).logits
+            for batch in batches(self.token_ids, self.batch_size):
+                inputs = model_inputs(batch, pad_id=self.pad_id, device=self._device)
+                input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                logits = self.model(**inputs).logits
                 total += token_nll(logits, input_ids, mask).double().cpu()
                 count += int(_scored(mask).sum())
                 self._count(kept, mask)
@@ -146,16 +143,16 @@ class LossSearch:
         bar = tqdm(total=len(self.token_ids) * len(blocks), unit="text×block", desc="calibration loss",
                    disable=not self.progress, leave=False)
         with torch.inference_mode(), bar:
-            for batch in _batches(self.token_ids, self.batch_size):
-                input_ids, mask, position_ids = self._inputs(batch)
-                inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+            for batch in batches(self.token_ids, self.batch_size):
+                inputs = model_inputs(batch, pad_id=self.pad_id, device=self._device)
+                input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
                 count += int(_scored(mask).sum())
                 states = []  # states[p]: the input of kept layer p (p = 0..len(prefix)), (batch, seq, D), padding too
                 if prefix:
                     with without_layers(self.model, set(range(self.num_layers)) - set(prefix)), \
-                            _Capture([layers[i] for i in prefix]) as capture:
+                            Capture([layers[i] for i in prefix]) as capture:
                         capture.keep, capture.states = torch.ones_like(mask, dtype=torch.bool), []
-                        _body(self.model, layers[prefix[0]])(**inputs)  # no head: the prefix needs no logits
+                        body(self.model)(**inputs)  # no head: the prefix needs no logits
                     states = [s.view(*mask.shape, -1) for s in capture.states]
                     self._count(prefix, mask)
                 for block in blocks:
@@ -181,32 +178,3 @@ def loss_search(model, tokenizer, texts: list[str], *, search_texts: int, max_le
                         "(sample.calibration)")
     token_ids, _ = tokenize(tokenizer, texts[:search_texts], max_length)
     return LossSearch(model, token_ids, batch_size, pad_id=pad_token_id(tokenizer), progress=progress)
-
-
-def best_block(search: LossSearch, size: int, keep_first: int, keep_last: int) -> tuple[Block, dict[int, float]]:
-    """Shortened LLaMA's choice: the allowed block of `size` layers whose removal gives the lowest calibration loss
-    (the first on ties), and the loss of every allowed block by its start."""
-    starts = allowed_starts(search.num_layers, size, keep_first, keep_last)
-    losses = dict(zip(starts, search.block_losses((), [tuple(Block(start, size)) for start in starts])))
-    return Block(min(losses, key=losses.get), size), losses
-
-
-@dataclass
-class Step:
-    layer: int  # the layer this step removed
-    loss: float  # the calibration loss after removing it (and every layer before it)
-    candidates: dict[int, float]  # loss had each allowed layer been the one removed
-
-
-def iterative_removal(search: LossSearch, size: int, keep_first: int, keep_last: int) -> list[Step]:
-    """SLEB's greedy choice: `size` steps, each removing the allowed layer whose removal, on top of the layers
-    removed so far, gives the lowest calibration loss (the shallowest on ties). The layers need not be consecutive."""
-    allowed_starts(search.num_layers, size, keep_first, keep_last)  # the same room check, with the same message
-    dropped, steps = [], []
-    for _ in range(size):
-        candidates = [i for i in range(keep_first, search.num_layers - keep_last) if i not in dropped]
-        losses = dict(zip(candidates, search.block_losses(dropped, [(i,) for i in candidates])))
-        best = min(losses, key=losses.get)
-        dropped.append(best)
-        steps.append(Step(best, losses[best], losses))
-    return steps

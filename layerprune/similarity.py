@@ -26,6 +26,9 @@ import torch
 from tqdm import tqdm
 
 from layerprune.errors import UserError
+from layerprune.files import significant
+from layerprune.forward import Capture, batches, body, model_inputs
+from layerprune.layers import decoder_layers
 
 METRICS = ("angular_last", "angular_mean", "block_influence")
 CHUNK_ELEMENTS = 2**25  # float64 values per chunk of token states: each float64 copy stays under 256 MB
@@ -132,13 +135,17 @@ class Distances:
         return best
 
     def to_rows(self) -> list[dict]:
-        """Tidy rows {metric, n, start, distance}, one per block and metric (a CSV that `dvc plots` can draw)."""
+        """Tidy rows {metric, n, start, distance}, one per block and metric (a CSV that `dvc plots` can draw).
+
+        Distances at 6 significant digits: the CSV is in git, and the 7th digit moves with the thread count, the batch
+        size and the CPU (float32 sums in another order), which would make a rerun elsewhere rewrite it."""
         rows = []
         for metric in METRICS:
             matrix = self.scores(metric)
             for n in range(1, self.num_layers):
                 for start in range(self.num_layers - n + 1):
-                    rows.append({"metric": metric, "n": n, "start": start, "distance": float(matrix[n, start])})
+                    distance = significant(float(matrix[n, start]), 6)
+                    rows.append({"metric": metric, "n": n, "start": start, "distance": distance})
         return rows
 
     @classmethod
@@ -164,44 +171,7 @@ class Distances:
 # ---- model I/O ----
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder layer list, found by length rather than by name (model.layers, transformer.h, ...)."""
-    num_layers = model.config.get_text_config().num_hidden_layers
-    for module in model.modules():  # outermost first, so a per-layer sub-list never wins
-        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise UserError(f"{type(model).__name__}: no list of {num_layers} decoder layers found")
-
-
-def _body(model, layers: torch.nn.Module) -> torch.nn.Module:
-    """The base model without the lm_head: logits are unused and costly (262k vocab for Gemma 3)."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model
-    return body if any(module is layers for module in body.modules()) else model
-
-
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad id, or 0: padded positions are masked out, so any id does."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids of each text, its first max_length tokens (special tokens included); drops texts with < 2 tokens.
-
-    Returns (ids, dropped): one token, e.g. BOS alone for an empty text, says nothing about the language.
-    """
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    ids = [list(tokens) for tokens in encoded if len(tokens) >= 2]
-    return ids, len(texts) - len(ids)
-
-
-def _batches(token_ids: list[list[int]], batch_size: int):
-    """Samples sorted by length, so a batch holds similar lengths and little padding."""
-    ordered = sorted(token_ids, key=len)
-    for begin in range(0, len(ordered), batch_size):
-        yield ordered[begin : begin + batch_size]
-
-
-def _rank_and_size() -> tuple[int, int]:
+def rank_and_size() -> tuple[int, int]:
     """This process's rank and the number of processes; (0, 1) unless a torch.distributed group is running."""
     import torch.distributed as dist
 
@@ -230,47 +200,6 @@ def process_group(device: str):
         dist.destroy_process_group()
 
 
-def _pad(batch: list[list[int]], padding_side: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    width = max(map(len, batch))
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, tokens in enumerate(batch):
-        cols = slice(0, len(tokens)) if padding_side == "right" else slice(width - len(tokens), width)
-        input_ids[row, cols] = torch.tensor(tokens)
-        mask[row, cols] = 1
-    return input_ids, mask
-
-
-class _Capture:
-    """Hooks that keep x_0..x_L of one batch: each layer's input, and the last layer's output (before the norm)."""
-
-    def __init__(self, layers: torch.nn.ModuleList):
-        self.layers = layers
-        self.keep: torch.Tensor | None = None  # (batch, seq) bool: the non-padding tokens
-        self.states: list[torch.Tensor] = []
-
-    def _store(self, hidden: torch.Tensor) -> None:
-        # Indexing copies, so a layer that later updates its input in place cannot change what we stored.
-        self.states.append(hidden[self.keep.to(hidden.device)])
-
-    def __enter__(self):
-        def before(module, args, kwargs):
-            self._store(args[0] if args else kwargs["hidden_states"])
-
-        def after(module, args, output):  # transformers 5 layers return a tensor or a tuple
-            self._store(output if isinstance(output, torch.Tensor) else output[0])
-
-        self.handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in self.layers]
-        self.handles.append(self.layers[-1].register_forward_hook(after))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-
-
 def layer_distances(
     model,
     token_ids: list[list[int]],
@@ -293,26 +222,20 @@ def layer_distances(
         raise UserError(f"{type(model).__name__} has {len(layers)} decoder layer; nothing to prune")
     if not token_ids:
         raise UserError("no texts to score (every text had fewer than 2 tokens)")
-    body = _body(model, layers)
+    forward = body(model)
     device = model.get_input_embeddings().weight.device
     sums = _Sums(len(layers) + 1, device)
-    rank, size = _rank_and_size()
-    share = list(_batches(token_ids, batch_size))[rank::size]
+    rank, size = rank_and_size()
+    share = list(batches(token_ids, batch_size))[rank::size]
     total = sum(len(ids) for batch in share for ids in batch)
-    with _Capture(layers) as capture, torch.inference_mode(), tqdm(
+    with Capture(layers) as capture, torch.inference_mode(), tqdm(
         total=total, unit="tok", desc="layer distances", disable=not progress or rank != 0
     ) as bar:
         for batch in share:
-            input_ids, mask = _pad(batch, padding_side, pad_id)
-            # Positions count real tokens only: with left padding, the first real token is still position 0.
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            inputs = model_inputs(batch, pad_id=pad_id, device=device, padding_side=padding_side)
+            mask = inputs["attention_mask"]
             capture.keep, capture.states = mask.bool(), []
-            body(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=position_ids.to(device),
-                use_cache=False,
-            )
+            forward(**inputs)
             sums.add(capture.states, mask.sum(-1))
             capture.states = []  # free this batch's states before the next forward pass
             bar.update(int(mask.sum()))

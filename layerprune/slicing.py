@@ -15,7 +15,6 @@ on our architectures (DESIGN.md, "mergekit 0.1.5 on our architectures"):
 Every output is then loaded with transformers on the meta device (no weights read) and must match its config
 exactly: no missing, unexpected or mis-shaped tensors.
 """
-import copy
 import logging
 import shutil
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mergekit.merge
+import yaml
 from mergekit.architecture import ModelArchitecture, ModuleDefinition, arch_info_for_config
 from mergekit.architecture.json_definitions import NAME_TO_ARCH, JsonModuleArchDef, JsonModuleArchitecture
 from mergekit.config import MergeConfiguration
@@ -32,20 +32,26 @@ from transformers.utils import logging as transformers_logging
 
 from layerprune.errors import UserError
 from layerprune.files import atomic_dir
+from layerprune.layers import slice_per_layer_lists
 
 ARCHITECTURES = Path(__file__).parent / "architectures"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.*", "merges.txt")
 
 
-def slice_model(config: dict, out_dir: Path, *, copy_tokenizer_from: Path | None = None,
+def load_merge_config(path) -> MergeConfiguration:
+    """The mergekit YAML that choose-range wrote (ranges.passthrough_config), validated by mergekit."""
+    return MergeConfiguration.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+
+
+def slice_model(config: MergeConfiguration, out_dir: Path, *, copy_tokenizer_from: Path | None = None,
                 extra_files: dict[str, bytes] | None = None, progress: bool = True) -> None:
-    """Run the mergekit passthrough `config` (see choose.passthrough_config) into out_dir, atomically.
+    """Run the mergekit passthrough `config` (see ranges.passthrough_config) into out_dir, atomically.
 
     The tokenizer comes from copy_tokenizer_from, or from the base model's folder when that has one.
     extra_files (name -> content, e.g. the model card README.md) are written into the same atomic folder.
     """
-    merge_config = MergeConfiguration.model_validate(_with_local_sources(config))
+    merge_config = _with_local_sources(config)
     models = set(merge_config.referenced_models())
     if merge_config.merge_method != "passthrough" or not merge_config.slices or len(models) != 1:
         raise ValueError("slice_model runs passthrough merges of slices of one model")
@@ -75,20 +81,20 @@ def slice_model(config: dict, out_dir: Path, *, copy_tokenizer_from: Path | None
             (work / name).write_bytes(content)
 
 
-def _with_local_sources(config: dict) -> dict:
+def _with_local_sources(config: MergeConfiguration) -> MergeConfiguration:
     """Replace hub references ("org/name@revision") by their folder in the HF cache, downloading if needed.
 
     mergekit lists a hub repo's files online even when the snapshot is cached, so offline it cannot read a hub
     id at all; a local folder it reads anywhere."""
     from layerprune.models import resolve_hub_model
 
-    config = copy.deepcopy(config)
-    for part in config.get("slices", []):
+    data = config.model_dump(mode="json", exclude_defaults=True)
+    for part in data.get("slices") or []:
         for source in part["sources"]:
             if not Path(source["model"]).exists():
                 repo_id, _, revision = source["model"].partition("@")
                 source["model"], _ = resolve_hub_model(repo_id, revision or "main")
-    return config
+    return MergeConfiguration.model_validate(data)
 
 
 def project_architecture(config: PretrainedConfig) -> ModelArchitecture | None:
@@ -96,14 +102,6 @@ def project_architecture(config: PretrainedConfig) -> ModelArchitecture | None:
     if config.architectures == ["FalconForCausalLM"] and _falcon_one_norm(config):
         return _load_architecture("falcon_one_norm.json")
     return None
-
-
-def slice_per_layer_lists(config: PretrainedConfig, kept: list[int], num_layers: int) -> None:
-    """Keep, in every list-valued entry with one item per original layer, the items of the kept layers, in order.
-    `config` is the text config (where the decoder layers live); a list of another length is left alone."""
-    for key, value in config.to_dict().items():
-        if isinstance(value, list) and len(value) == num_layers:
-            setattr(config, key, [value[i] for i in kept])
 
 
 def _falcon_one_norm(config: PretrainedConfig) -> bool:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from layerprune.bundled import WIKI_OFFLINE_LANGS, bundled_languages, sentence_file, wiki_summaries_file
 from layerprune.errors import UserError
-from layerprune.files import atomic_write_text
 
 
 def fetch_bundled(lang: str) -> tuple[str, list[dict]]:
@@ -112,12 +111,3 @@ def split_samples(articles: list[dict], calibration: int, eval: int, min_chars: 
     # Held-out texts first: asking for more or fewer calibration texts leaves the evaluation set as it was,
     # so DVC does not re-evaluate the base model.
     return Split(calibration=usable[eval:wanted], eval=usable[:eval], dropped=dropped)
-
-
-def write_jsonl(path, rows) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -10,7 +10,7 @@ def tiny_llama(num_layers=6, seed=0):
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     )
-    return _build(config, seed)
+    return build(config, seed)
 
 
 def tiny_gemma3(num_layers=6, seed=0):
@@ -20,7 +20,7 @@ def tiny_gemma3(num_layers=6, seed=0):
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
         max_position_embeddings=256,
     )
-    return _build(config, seed)
+    return build(config, seed)
 
 
 def tiny_falcon11b(num_layers=6, seed=0):
@@ -30,10 +30,11 @@ def tiny_falcon11b(num_layers=6, seed=0):
         num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True, num_ln_in_parallel_attn=1,
         bias=False, alibi=False,
     )
-    return _build(config, seed)
+    return build(config, seed)
 
 
-def _build(config, seed):
+def build(config, seed):
+    """A random-init model of any config, the same for the same seed (the tests' other layouts start here)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.architectures = [type(model).__name__]

@@ -1,7 +1,7 @@
 """Stage `fetch-wiki`: text in the chosen language, from the bundled corpora or a hub dataset (Wikipedia by default)."""
-from layerprune.files import write_json
+from layerprune.files import write_json, write_jsonl
 from layerprune.stage import run_stage
-from layerprune.texts import fetch_bundled, fetch_hub, write_jsonl
+from layerprune.texts import fetch_bundled, fetch_hub
 
 
 def main(params, corpus, metrics):

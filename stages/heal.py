@@ -4,11 +4,11 @@ With heal.processes > 1 it runs as that many processes under torchrun and trains
 batch."""
 import time
 
-from layerprune.files import read_json, write_json
+from layerprune.files import read_jsonl, write_json
 from layerprune.heal import heal_model
 from layerprune.models import ModelInfo, pick_device
 from layerprune.stage import run_stage, write_timing
-from layerprune.texts import read_jsonl
+from layerprune.strategies import Choice
 
 
 def main(params, model_info, pruned_dir, choice, corpus, eval_texts, checkpoints, curves, healed_dir, metrics):
@@ -18,7 +18,7 @@ def main(params, model_info, pruned_dir, choice, corpus, eval_texts, checkpoints
         params.heal,
         pruned_dir=pruned_dir,
         base_dir=base_dir,
-        dropped=read_json(choice)["dropped"],
+        dropped=Choice.load(choice).dropped,
         articles=read_jsonl(corpus),
         held_out_ids={row["id"] for row in read_jsonl(eval_texts)},
         checkpoints=checkpoints,

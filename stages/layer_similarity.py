@@ -2,11 +2,11 @@
 
 With similarity.processes > 1 it runs as that many processes under torchrun: each one scores its share of the texts
 (one GPU each on CUDA) and rank 0 writes the outputs."""
-from layerprune.files import write_csv, write_json
+from layerprune.files import read_jsonl, write_csv, write_json
+from layerprune.forward import pad_token_id, tokenize
 from layerprune.models import ModelInfo, load_model, pick_device
-from layerprune.similarity import layer_distances, pad_token_id, process_group, tokenize
+from layerprune.similarity import layer_distances, process_group
 from layerprune.stage import run_stage
-from layerprune.texts import read_jsonl
 
 
 def main(params, model_info, calibration, distances, metrics):

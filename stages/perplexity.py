@@ -4,9 +4,9 @@ re-evaluates the base model; the `release` stage compares them."""
 import tempfile
 from pathlib import Path
 
-from layerprune.files import write_json
+from layerprune.files import significant, write_json
 from layerprune.models import ModelInfo, count_parameters, num_layers
-from layerprune.perplexity import METRICS, evaluate_perplexity, significant
+from layerprune.perplexity import PERPLEXITY_METRICS, evaluate_perplexity
 from layerprune.stage import run_stage, write_timing
 
 
@@ -21,7 +21,7 @@ def main(params, model_info, eval_texts, metrics, results, model_dir=None):
     write_json(results, significant(measured["results"]))
     write_timing(metrics, seconds=measured["seconds"], tokens_per_second=measured["tokens_per_second"])
     write_json(metrics, {
-        **significant({metric: measured[metric] for metric in METRICS}),
+        **significant({metric: measured[metric] for metric in PERPLEXITY_METRICS}),
         "tasks": significant(measured["tasks"]),
         "num_texts": measured["num_texts"],
         "dropped_texts": measured["dropped_texts"],

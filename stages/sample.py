@@ -1,7 +1,7 @@
 """Stage `sample`: a seeded random sample of calibration texts and disjoint held-out evaluation texts."""
-from layerprune.files import write_json
+from layerprune.files import read_jsonl, write_json, write_jsonl
 from layerprune.stage import run_stage
-from layerprune.texts import read_jsonl, split_samples, write_jsonl
+from layerprune.texts import split_samples
 
 
 def main(params, corpus, calibration, eval_texts, metrics):

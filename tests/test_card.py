@@ -5,10 +5,11 @@ from huggingface_hub import ModelCard
 
 from layerprune.card import render_card
 from layerprune.models import ModelInfo
+from layerprune.strategies import Choice
 
-CHOICE = {"strategy": "similarity", "metric": "angular_last", "score": 0.0477, "n": 2, "dropped_layers": "8..9",
-          "kept_ranges": "[0,8] + [10,18]", "layers_before": 18, "layers_kept": 16,
-          "parameters_before": 268098176, "parameters_after": 256950912}
+CHOICE = Choice(strategy="similarity", metric="angular_last", score=0.0477, score_name="angular_last distance", n=2,
+                dropped=[8, 9], dropped_layers="8..9", start=8, distance=0.0477, kept_ranges="[0,8] + [10,18]",
+                layers_before=18, layers_kept=16, parameters_before=268098176, parameters_after=256950912)
 SAMPLE = {"calibration_texts": 128, "eval_texts": 32}
 
 

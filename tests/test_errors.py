@@ -13,8 +13,8 @@ import yaml
 
 from conftest import REPO
 from layerprune.errors import UserError
-from layerprune.files import remove_stale_temps
-from layerprune.texts import fetch_bundled, read_jsonl
+from layerprune.files import read_jsonl, remove_stale_temps
+from layerprune.texts import fetch_bundled
 from pipeline_repo import PipelineRepo
 from local_wikipedia import write_local_wikipedia
 
@@ -223,10 +223,10 @@ def test_block_that_does_not_fit_the_model(tmp_path, changes, fragment):
 def test_architecture_mergekit_cannot_slice_stops_the_model_stage(tmp_path):
     """A local folder with an architecture mergekit has no definition for: model-source accepts the folder, and the
     model stage stops with one line before any later stage spends time on it."""
-    from layerprune.tiny_models import VOCAB, _build
+    from layerprune.tiny_models import VOCAB, build
     from transformers import OPTConfig
 
-    _build(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=6, num_attention_heads=4,
+    build(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=6, num_attention_heads=4,
                      word_embed_proj_dim=32), seed=0).save_pretrained(tmp_path / "opt")
     params = write_params(tmp_path / "params.yaml", {"model.id": str(tmp_path / "opt")})
     result = stage("model_source.py", params, "--source", "source.json", cwd=tmp_path)

@@ -7,13 +7,14 @@ import torch
 from layerprune.tiny_models import tiny_llama
 from transformers import PreTrainedTokenizerFast
 
-from layerprune.choose import kept_ranges, passthrough_config
 from layerprune.errors import UserError
-from layerprune.frontier import STRATEGIES, check_sizes, frontier_rows, per_strategy, rank_correlations
+from layerprune.frontier import check_sizes, columns, frontier_rows, per_column, rank_correlations
 from layerprune.params import load_params, parse_params
 from layerprune.perplexity import evaluate_perplexity
+from layerprune.ranges import kept_ranges, passthrough_config
 from layerprune.search import without_layers
 from layerprune.slicing import slice_model
+from layerprune.strategies import STRATEGIES, Strategy
 
 
 def test_rank_correlations():
@@ -26,14 +27,27 @@ def test_rank_correlations():
     assert rank_correlations({"a": scores}, {**losses, 2: 5.5}, 2) == {"a": 0.8}
 
 
+COLUMNS = ["angular_last", "angular_mean", "block_influence", "deepest", "loss", "iterative"]  # dvc.yaml's plot lines
+
+
 def test_frontier_rows_one_column_per_strategy():
-    picks = {(s, n): (n, s) for s in STRATEGIES for n in (2, 4)}  # any hashable stands for a dropped set
-    values = {dropped: 1.0 + dropped[0] / 10 + STRATEGIES.index(dropped[1]) for dropped in picks.values()}
+    assert list(columns()) == COLUMNS and columns()["angular_mean"] == ("similarity", "angular_mean")
+    picks = {(s, n): (n, s) for s in COLUMNS for n in (2, 4)}  # any hashable stands for a dropped set
+    values = {dropped: 1.0 + dropped[0] / 10 + COLUMNS.index(dropped[1]) for dropped in picks.values()}
     rows = frontier_rows(picks, values, base_bits_per_byte=0.9)
     assert [row["layers_removed"] for row in rows] == [0, 2, 4]
-    assert list(rows[0]) == ["layers_removed", *STRATEGIES] and set(rows[0].values()) == {0, 0.9}
-    assert rows[2]["loss"] == 1.4 + STRATEGIES.index("loss")
-    assert per_strategy(picks, len)["4"] == {s: 2 for s in STRATEGIES}
+    assert list(rows[0]) == ["layers_removed", *COLUMNS] and set(rows[0].values()) == {0, 0.9}
+    assert rows[2]["loss"] == 1.4 + COLUMNS.index("loss")
+    assert per_column(picks, len)["4"] == {s: 2 for s in COLUMNS}
+
+
+def test_a_new_strategy_is_a_new_frontier_line(monkeypatch):
+    """One entry in the registry is all the frontier needs; a second per-metric strategy would need other names."""
+    monkeypatch.setitem(STRATEGIES, "random", Strategy(pick=None, score_name="none", why="chance"))
+    assert list(columns()) == [*COLUMNS, "random"] and columns()["random"] == ("random", None)
+    monkeypatch.setitem(STRATEGIES, "twin", Strategy(pick=None, score_name="x", why="y", per_metric=True))
+    with pytest.raises(ValueError, match="two frontier lines named 'angular_last'"):
+        columns()
 
 
 @pytest.mark.parametrize("sizes, message", [
@@ -73,7 +87,7 @@ def test_frontier_layers_are_sorted_once():
     assert parse_params(raw).frontier.layers == [2, 4]
 
 
-def _tokenizer(path):
+def save_word_tokenizer(path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     backend = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, 100)}}, unk_token="[UNK]"))
@@ -88,7 +102,7 @@ def test_lm_eval_in_memory_equals_the_sliced_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = tiny_llama(num_layers=6)
     model.save_pretrained(tmp_path / "base")
-    tokenizer = _tokenizer(tmp_path / "base")
+    tokenizer = save_word_tokenizer(tmp_path / "base")
     dropped = (1, 3, 4)
     slice_model(passthrough_config(str(tmp_path / "base"), kept_ranges(6, dropped), "float32"), tmp_path / "sliced",
                 progress=False)

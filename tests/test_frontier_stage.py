@@ -14,7 +14,7 @@ from layerprune.tiny_models import VOCAB, tiny_llama, word_tokenizer
 from conftest import REPO
 from test_search import mean_nll, removed_by_hand
 from layerprune.params import load_params
-from layerprune.perplexity import significant
+from layerprune.files import significant
 
 NUM_LAYERS = 8
 # Planted: layer 5 adds exactly nothing (its output projections are zero), layers 2 and 4 are scaled down.

@@ -84,7 +84,7 @@ def write_jsonl(path, rows):
 
 
 def run_heal(work, out, heal, **kwargs):
-    from layerprune.texts import read_jsonl
+    from layerprune.files import read_jsonl
 
     return heal_model(heal, pruned_dir=work / "pruned", base_dir=work / "base", dropped=DROPPED,
                       articles=read_jsonl(work / "corpus.jsonl"), held_out_ids={f"a{i}" for i in range(10)},

@@ -65,7 +65,7 @@ def test_hub_model_resolves_to_a_pinned_commit_and_slices_from_it(tmp_path, monk
     reads the `id@sha` reference that choose-range writes."""
     from layerprune.tiny_models import tiny_llama
 
-    from layerprune.choose import passthrough_config
+    from layerprune.ranges import passthrough_config
     from layerprune.slicing import slice_model
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

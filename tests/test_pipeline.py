@@ -7,8 +7,8 @@ import pytest
 import yaml
 from transformers import AutoConfig
 
+from layerprune.files import read_jsonl
 from layerprune.params import load_params
-from layerprune.texts import read_jsonl
 from pipeline_repo import PipelineRepo
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def test_second_repro_runs_nothing_and_changes_nothing(repo):
 
 @pytest.mark.parametrize("module, expected", [
     ("layerprune/card.py", {"release"}),  # card text: never slicing or evaluation again
-    ("layerprune/choose.py", {"choose-range", "frontier", "heal"}),
+    ("layerprune/forward.py", {"layer-similarity", "choose-range", "frontier"}),  # padding: never the slice or heal
     ("layerprune/perplexity.py", {"perplexity-base", "perplexity-pruned", "perplexity-healed", "frontier", "release"}),
 ])
 def test_a_code_change_marks_exactly_the_stages_that_run_it(repo, module, expected):

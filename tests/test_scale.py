@@ -174,7 +174,7 @@ def test_slice_rate_is_over_the_slice_alone(clocked, tmp_path):
     """mergekit's slice takes 2 s and the plain copy of its output 0.5 s: each GB/s over its own span."""
     import shutil
 
-    from layerprune.choose import Block
+    from layerprune.strategies import Block
 
     scale_module, clock = clocked
     steps = scale_module.Steps(scale_module.TINY, scale_module.TINY_SIZES, "cpu", tmp_path)

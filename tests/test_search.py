@@ -10,10 +10,11 @@ import yaml
 from layerprune.tiny_models import ALL_LAYOUTS, VOCAB, tiny_gemma3, tiny_llama
 from transformers import AutoModelForCausalLM
 
-from layerprune.choose import Block, kept_ranges, passthrough_config
 from layerprune.errors import UserError
-from layerprune.search import LossSearch, best_block, iterative_removal, without_layers
+from layerprune.ranges import kept_ranges, passthrough_config
+from layerprune.search import LossSearch, without_layers
 from layerprune.slicing import slice_model
+from layerprune.strategies import Block, Problem, block_losses, iterative, loss
 
 NUM_LAYERS = 6
 
@@ -57,13 +58,13 @@ def test_shared_prefix_equals_the_whole_pruned_model(layout):
     blocks = [tuple(Block(start, 2)) for start in range(NUM_LAYERS - 1)]
     losses = search.block_losses((), blocks)
     whole = mean_nll(model, texts)
-    for block, loss in zip(blocks, losses):
+    for block, value in zip(blocks, losses):
         reference = mean_nll(removed_by_hand(model, block), texts)
-        assert abs(loss - reference) < 1e-5, (block, loss, reference)
+        assert abs(value - reference) < 1e-5, (block, value, reference)
         assert abs(reference - whole) > 1e-3  # the block matters, so the comparison means something
     # on top of layers already removed (the iterative search's case): one pass of the pruned model is the prefix
-    for block, loss in zip([(0,), (2,), (4, 5)], search.block_losses({1, 3}, [(0,), (2,), (4, 5)])):
-        assert abs(loss - mean_nll(removed_by_hand(model, {1, 3, *block}), texts)) < 1e-5
+    for block, value in zip([(0,), (2,), (4, 5)], search.block_losses({1, 3}, [(0,), (2,), (4, 5)])):
+        assert abs(value - mean_nll(removed_by_hand(model, {1, 3, *block}), texts)) < 1e-5
     torch.testing.assert_close(search.full_loss((2, 3)), losses[2], rtol=0, atol=1e-5)
 
 
@@ -87,7 +88,7 @@ def test_mergekit_slice_of_any_layer_set_equals_removal_in_memory(dropped, tmp_p
     model.save_pretrained(tmp_path / "base")
     ranges = kept_ranges(NUM_LAYERS, dropped)
     config = passthrough_config(str(tmp_path / "base"), ranges, "float32")
-    assert len(config["slices"]) == len(ranges)
+    assert len(config.slices) == len(ranges)
     slice_model(config, tmp_path / "out", progress=False)
     sliced = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     kept = [i for i in range(NUM_LAYERS) if i not in dropped]
@@ -119,6 +120,10 @@ def _with_planted_identities(layers_to_plant):
     return model, texts
 
 
+def _problem(search, size, keep_first=0, keep_last=1):
+    return Problem(search.num_layers, size, keep_first, keep_last, None, None, search=lambda: search)
+
+
 def test_iterative_finds_planted_identity_layers():
     planted = {1, 3}
     model, texts = _with_planted_identities(planted)
@@ -129,14 +134,17 @@ def test_iterative_finds_planted_identity_layers():
     assert all(abs(singles[i] - base) < 1e-3 for i in planted)
     assert all(singles[i] > base + 0.05 for i in set(range(5)) - planted)
 
-    steps = iterative_removal(search, 2, keep_first=0, keep_last=1)
-    assert {step.layer for step in steps} == planted  # not consecutive: no block of 2 could drop both
-    assert abs(steps[-1].loss - base) < 1e-3
-    assert set(steps[0].candidates) == set(range(5)) and set(steps[1].candidates) == set(range(5)) - {steps[0].layer}
+    pick = iterative(_problem(search, 2))
+    assert set(pick.dropped) == planted  # not consecutive: no block of 2 could drop both
+    assert abs(pick.score - base) < 1e-3
+    step = {number: {row["start"]: row["loss"] for row in pick.candidates if row["step"] == number} for number in (1, 2)}
+    first = min(step[1], key=step[1].get)
+    assert step[1] == singles and set(step[2]) == set(range(5)) - {first}
+    assert step[2][(planted - {first}).pop()] == pick.score
     # the contiguous search at n=1 sees the same losses; at n=2 it cannot reach the planted pair
-    block, losses = best_block(search, 1, keep_first=0, keep_last=1)
-    assert block.start in planted and losses == singles
-    assert best_block(search, 2, keep_first=0, keep_last=1)[1][block.start] > steps[-1].loss
+    one = loss(_problem(search, 1))
+    assert one.dropped[0] in planted and block_losses(_problem(search, 1)) == singles
+    assert loss(_problem(search, 2)).score > pick.score
 
 
 def test_flops_count_the_layers_each_candidate_runs():
@@ -157,20 +165,20 @@ def test_flops_count_the_layers_each_candidate_runs():
 
 def test_no_room_is_one_line_naming_the_keys():
     search = LossSearch(tiny_llama(num_layers=NUM_LAYERS), _texts(), batch_size=2, progress=False)
-    for strategy in (best_block, iterative_removal):
+    for strategy in (loss, iterative):
         with pytest.raises(UserError, match=r"^prune.keep_first=2, prune.keep_last=1: leave 3 droppable") as err:
-            strategy(search, 4, keep_first=2, keep_last=1)
+            strategy(_problem(search, 4, keep_first=2, keep_last=1))
         assert "\n" not in str(err.value)
 
 
 def _stage_workspace(tmp_path, strategy, layers=2):
     """A workspace for stages/choose_range.py: the planted tiny Llama with a word tokenizer, its texts as words."""
     from test_errors import write_distances, write_model_info, write_params
-    from test_frontier import _tokenizer
+    from test_frontier import save_word_tokenizer
 
     model, texts = _with_planted_identities({1, 3})
     model.save_pretrained(tmp_path / "base")
-    _tokenizer(tmp_path / "base")
+    save_word_tokenizer(tmp_path / "base")
     (tmp_path / "calibration.jsonl").write_text("".join(
         json.dumps({"text": " ".join(f"w{i}" for i in ids)}) + "\n" for ids in texts))
     write_model_info(tmp_path / "base.json", NUM_LAYERS, architecture="LlamaForCausalLM", local_dir=tmp_path / "base")

@@ -9,13 +9,14 @@ import torch
 from mergekit.architecture.json_definitions import NAME_TO_ARCH
 from mergekit.config import MergeConfiguration
 from mergekit.merge import MergeOptions, run_merge
-from layerprune.tiny_models import ALL_LAYOUTS, VOCAB, _build, tiny_falcon11b, tiny_gemma3
+from layerprune.tiny_models import ALL_LAYOUTS, VOCAB, build, tiny_falcon11b, tiny_gemma3
 from transformers import AutoModelForCausalLM, AutoTokenizer, FalconConfig, OPTConfig, PreTrainedTokenizerFast
 
 import layerprune.slicing
-from layerprune.choose import Block, kept_ranges, passthrough_config
 from layerprune.errors import UserError
+from layerprune.ranges import kept_ranges, passthrough_config
 from layerprune.slicing import slice_model
+from layerprune.strategies import Block
 
 BLOCK = Block(1, 2)  # of 6 layers: keeps 0, 3, 4, 5; moves Gemma 3's full-attention layer 5 to position 3
 
@@ -62,7 +63,7 @@ def _falcon(**kwargs):
     config = FalconConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=6, num_attention_heads=4, alibi=False, **kwargs
     )
-    return _build(config, seed=0)
+    return build(config, seed=0)
 
 
 FALCON_VARIANTS = {
@@ -88,13 +89,13 @@ def test_falcon_variants(variant, tmp_path):
 def test_gemma3_layer_types_follow_the_kept_layers(tmp_path):
     tiny_gemma3().save_pretrained(tmp_path / "base")
     original = json.loads((tmp_path / "base" / "config.json").read_text())["layer_types"]
-    build = mergekit.merge._model_out_config
+    builder = mergekit.merge._model_out_config
     slice_model(_config(tmp_path / "base"), tmp_path / "out", progress=False)
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     want = [t for i, t in enumerate(original) if i not in (1, 2)]
     assert written["num_hidden_layers"] == 4 and written["layer_types"] == want
     assert want != original[:4]  # plain truncation would be wrong here
-    assert mergekit.merge._model_out_config is build
+    assert mergekit.merge._model_out_config is builder
 
 
 # UPSTREAM CHECK. These pin the two mergekit 0.1.5 failures that layerprune/slicing.py works around, by calling
@@ -169,7 +170,7 @@ def test_architecture_mergekit_does_not_know(tmp_path):
     config = OPTConfig(
         vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=6, num_attention_heads=4, word_embed_proj_dim=32
     )
-    _build(config, seed=0).save_pretrained(tmp_path / "base")
+    build(config, seed=0).save_pretrained(tmp_path / "base")
     with pytest.raises(UserError, match="no architecture definition for OPTForCausalLM") as err:
         slice_model(_config(tmp_path / "base"), tmp_path / "out", progress=False)
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()

@@ -2,7 +2,8 @@ import pytest
 
 from layerprune.errors import UserError
 from local_wikipedia import write_local_wikipedia
-from layerprune.texts import bundled_languages, clean, fetch_bundled, fetch_hub, read_jsonl, split_samples, write_jsonl
+from layerprune.files import read_jsonl, write_jsonl
+from layerprune.texts import bundled_languages, clean, fetch_bundled, fetch_hub, split_samples
 
 
 def articles(n, text="x" * 80):

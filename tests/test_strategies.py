@@ -3,18 +3,16 @@ import random
 import numpy as np
 import pytest
 
-from layerprune.choose import (
-    Block,
-    allowed_starts,
-    block_size,
-    check_ranges,
-    choose_block,
-    kept_ranges,
-    layers_label,
-    passthrough_config,
-    runs,
-)
 from layerprune.errors import UserError
+from layerprune.ranges import check_ranges, kept_ranges, passthrough_config
+from layerprune.strategies import STRATEGIES, Block, Choice, Problem, allowed_starts, block_size, layers_label, runs, strategy
+
+
+def choose_block(scores, num_layers, size, name, keep_first, keep_last) -> Block:
+    """The block a registered strategy picks from these scores alone (no search)."""
+    pick = strategy(name).pick(Problem(num_layers, size, keep_first, keep_last, "angular_last", scores, search=None))
+    assert pick.dropped == list(range(pick.dropped[0], pick.dropped[0] + size))
+    return Block(pick.dropped[0], size)
 
 
 def test_seed_block_on_falcon_11b():
@@ -89,7 +87,8 @@ def test_check_ranges_names_every_dropped_protected_layer():
 
 
 def test_passthrough_config():
-    assert passthrough_config("/m", [(0, 24), (55, 60)], "bfloat16") == {
+    config = passthrough_config("/m", [(0, 24), (55, 60)], "bfloat16")
+    assert config.model_dump(mode="json", exclude_defaults=True) == {
         "merge_method": "passthrough",
         "slices": [
             {"sources": [{"model": "/m", "layer_range": [0, 24]}]},
@@ -97,6 +96,26 @@ def test_passthrough_config():
         ],
         "dtype": "bfloat16",
     }
+
+
+def test_every_strategy_has_a_card_reason_and_a_score_name():
+    """The card and choice.json format each entry's texts with the metric and the score: a field name that is not
+    one of those two would fail only at the release, after the whole pipeline."""
+    for name, entry in STRATEGIES.items():
+        assert entry.why.format(metric="angular_last", score=0.5) and entry.score_name.format(metric="angular_last")
+        assert callable(entry.pick), name
+
+
+def test_choice_round_trips_and_leaves_out_what_a_layer_set_lacks(tmp_path):
+    fields = dict(strategy="iterative", metric="angular_last", n=2, dropped=[1, 3], dropped_layers="1, 3",
+                  score_name="calibration loss", score=2.5, kept_ranges="[0,1] + [2,3] + [4,6]", layers_before=6,
+                  layers_kept=4, parameters_before=100, parameters_after=80)
+    Choice(**fields).save(tmp_path / "choice.json")
+    text = (tmp_path / "choice.json").read_text()
+    assert '"start"' not in text and '"distance"' not in text  # a set of layers that is no block has neither
+    assert Choice.load(tmp_path / "choice.json") == Choice(**fields)
+    with pytest.raises(ValueError, match="dropped"):
+        Choice.model_validate({**fields, "dropped": "1, 3"})
 
 
 def test_random_blocks():
