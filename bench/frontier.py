@@ -14,19 +14,18 @@ writes bench/results-frontier.md:
   by the stage itself).
 """
 import argparse
-import json
 import os
 from pathlib import Path
 
 from common import OTHER_PATHS, REPO, machine, now, num, paths, ratio_table, row, write_table  # first: offline switches
 
-from layerprune.files import read_csv, read_jsonl
+from layerprune.files import read_csv, read_json, read_jsonl
 from layerprune.forward import pad_token_id, tokenize
 from layerprune.models import ModelInfo, load_model
 from layerprune.params import load_params
 from layerprune.search import LossSearch, loss_search
 from layerprune.similarity import METRICS, Distances
-from layerprune.strategies import Block, Problem, block_losses, layers_label, similarity
+from layerprune.strategies import Block, Problem, layers_label, loss_by_start, pick_similarity
 from layerprune.tiny_models import tiny_falcon11b
 from measure import interleave, ratio, timed
 
@@ -39,8 +38,8 @@ def texts(path: Path) -> list[str]:
 
 def best_block(search, n: int, prune) -> tuple[Block, dict[int, float]]:
     """The `loss` strategy's block of n on this search's texts, and the loss without every allowed block."""
-    losses = block_losses(Problem(search.num_layers, n, prune.keep_first, prune.keep_last, None, None,
-                                  search=lambda: search))
+    losses = loss_by_start(Problem(search.num_layers, n, prune.keep_first, prune.keep_last, None, None,
+                                   make_search=lambda: search))
     return Block(min(losses, key=losses.get), n), losses
 
 
@@ -48,13 +47,12 @@ def heldout_rows(model, tokenizer, params, p, heldout_texts) -> list[dict]:
     """The blocks `loss` and `angular_last` choose at the largest frontier n (as choose-range would), against the
     best block by held-out loss."""
     n, prune = max(params.frontier.layers), params.prune
-    search = loss_search(model, tokenizer, texts(p.calibration), search_texts=prune.search_texts,
-                         max_length=params.similarity.max_length, batch_size=params.similarity.batch_size)
+    search = loss_search(model, tokenizer, texts(p.calibration), prune, params.similarity)
     picks = {"loss": best_block(search, n, prune)[0]}
     distances = Distances.from_rows(read_csv(p.distances), num_samples=0, num_tokens=0)
     problem = Problem(search.num_layers, n, prune.keep_first, prune.keep_last, "angular_last",
-                      distances.scores("angular_last"), search=lambda: search)
-    picks["angular_last"] = Block(similarity(problem).dropped[0], n)
+                      distances.scores("angular_last"), make_search=lambda: search)
+    picks["angular_last"] = Block(pick_similarity(problem).dropped[0], n)
     ids, _ = tokenize(tokenizer, texts(p.eval_texts)[:heldout_texts], params.eval.max_length)
     heldout = LossSearch(model, ids, params.similarity.batch_size, pad_id=pad_token_id(tokenizer))
     best, losses = best_block(heldout, n, prune)
@@ -80,9 +78,8 @@ def frontier_rows(frontier) -> list[dict]:
 def prefix_rows(model, tokenizer, params, p, flop_texts) -> list[dict]:
     n, prune = max(params.frontier.layers), params.prune
     calibration = texts(p.calibration)
-    fresh = lambda: loss_search(model, tokenizer, calibration, search_texts=flop_texts,
-                                max_length=params.similarity.max_length, batch_size=params.similarity.batch_size,
-                                progress=False)
+    fewer = prune.model_copy(update={"search_texts": flop_texts})
+    fresh = lambda: loss_search(model, tokenizer, calibration, fewer, params.similarity, progress=False)
     counts = {}
 
     def shared(r):
@@ -142,8 +139,8 @@ def main(argv=None):
               f"Machine: {machine()}.")
     rows = []
     if "frontier" in args.parts:
-        frontier = json.loads(p.frontier_metrics.read_text())
-        timing = json.loads(p.frontier_timing.read_text())
+        frontier = read_json(p.frontier_metrics)
+        timing = read_json(p.frontier_timing)
         seconds, floor = timing["seconds"], timing["search_seconds"] + timing["lm_eval_seconds"]
         rows += frontier_rows(frontier)
         rows.append(row("frontier stage time ÷ budget", seconds / FRONTIER_BUDGET_S, "≤ 1",

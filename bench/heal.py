@@ -13,7 +13,6 @@
 Writes bench/results-heal.md and plots/heal_gap_closed.png.
 """
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -28,13 +27,12 @@ from common import (  # first: offline switches
 )
 import torch
 
-from layerprune.heal import (
-    Blocks, HealTrainer, cut_layers, heal_model, matched_states, select_trainable, training_arguments, training_data,
-)
+from layerprune.files import read_json, read_jsonl
+from layerprune.heal import Blocks, HealTrainer, heal_model, student_and_teacher, training_arguments, training_data
 from layerprune.models import ModelInfo
 from layerprune.params import load_params
 from layerprune.perplexity import evaluate_perplexity
-from layerprune.texts import read_jsonl
+from layerprune.strategies import Choice
 from measure import interleave, ratio, timed
 
 OVERHEAD_STEPS, OVERHEAD_ROUNDS = 4, 2
@@ -77,19 +75,12 @@ def mean_loss(model_dir, blocks: torch.Tensor, batch_size: int) -> float:
 def overhead(heal, pruned_dir: Path, base_dir: Path, dropped: list[int], train: torch.Tensor, work: Path) -> dict:
     """Tokens/s of HealTrainer.train() and of a bare loop on the same trainable weights, batches and loss; the model,
     teacher and trainer set up as layerprune.heal.heal_model sets them up."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32)
-    num_layers = model.config.get_text_config().num_hidden_layers
-    model = select_trainable(model, heal, cut_layers(dropped, num_layers, heal.cut_layers))
-    teacher = None
-    if heal.loss.kl or heal.loss.hidden:
-        teacher = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    model, teacher, matched = student_and_teacher(heal, pruned_dir, base_dir, dropped, "cpu")
     batches = train[: OVERHEAD_STEPS * heal.batch_size]  # both sides take the same OVERHEAD_STEPS steps
     args = training_arguments(heal, OVERHEAD_STEPS, work / "overhead", "cpu")
     args.eval_strategy, args.save_strategy, args.eval_on_start, args.disable_tqdm = "no", "no", False, True
     trainer = HealTrainer(model=model, args=args, train_dataset=Blocks(batches), heal=heal, teacher=teacher,
-                          matched=matched_states(dropped, num_layers, heal.cut_layers))
+                          matched=matched)
 
     def bare(_):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=heal.learning_rate,
@@ -138,10 +129,10 @@ def main():
         work = Path(tmp)
         stage = paths(work / "stage")  # the stage's outputs, at dvc.yaml's paths under work/stage
         stage_seconds, stage_cpu = run_stage(pipeline, work / "stage", heal.processes)
-        metrics = json.loads(stage.heal_metrics.read_text())
-        timing = json.loads(p.heal_timing.read_text())  # the stage ran in the pipeline's folder
+        metrics = read_json(stage.heal_metrics)
+        timing = read_json(p.heal_timing)  # the stage ran in the pipeline's folder
         base_dir = pipeline / ModelInfo.load(p.base_info).model_dir()
-        dropped = json.loads(p.choice.read_text())["dropped"]
+        dropped = Choice.load(p.choice).dropped
         articles, held_out = read_jsonl(p.corpus), {r["id"] for r in read_jsonl(p.eval_texts)}
 
         # The control: the base model, trained with the same recipe on the layers around where the cut is.

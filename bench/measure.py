@@ -14,7 +14,7 @@ from multiprocessing import get_context
 import psutil
 import torch
 
-from layerprune.forward import batches, body, model_inputs, pad
+from layerprune.forward import batches, model_inputs, pad, without_head
 from layerprune.layers import decoder_layers
 
 
@@ -104,11 +104,11 @@ def body_flops(model, lengths: list[int]) -> float:
 
 def bare_forward(model, token_ids, batch_size: int, pad_id: int) -> None:
     """The floor under layer_distances: the same body (no lm_head), the same batches, no hooks, no metrics.
-    Uses layer_distances' own batching and padding helpers, so the batches are the same by construction."""
-    forward = body(model)
+    Uses forward.py, as layer_distances does, so the batches are the same by construction."""
+    forward, device = without_head(model), model.get_input_embeddings().weight.device
     with torch.inference_mode():
         for batch in batches(token_ids, batch_size):
-            forward(**model_inputs(batch, pad_id=pad_id, device="cpu"))
+            forward(**model_inputs(batch, pad_id=pad_id, device=device))
 
 
 def pruneme_pass(model, token_ids, n: int, batch_size: int, pad_id: int) -> list[float]:
@@ -172,8 +172,9 @@ def similarity_peak_rss(model_dir: str, token_ids, batch_size: int, pad_id: int)
     return memory.delta
 
 
-def timed_slice(config: dict, out_dir: str) -> tuple[float, int]:
-    """(seconds, peak RSS delta) of layerprune's mergekit slice; imports stay outside the measurement."""
+def timed_slice(config, out_dir: str) -> tuple[float, int]:
+    """(seconds, peak RSS delta) of layerprune's mergekit slice of `config` (a mergekit MergeConfiguration);
+    imports stay outside the measurement."""
     from pathlib import Path
 
     from layerprune.slicing import slice_model

@@ -48,7 +48,7 @@ from layerprune.perplexity import evaluate_perplexity
 from layerprune.ranges import check_ranges, kept_ranges, passthrough_config
 from layerprune.similarity import layer_distances
 from layerprune.slicing import slice_model
-from layerprune.strategies import Block, Problem, similarity
+from layerprune.strategies import Block, Problem, pick_similarity
 from layerprune.tiny_models import word_tokenizer
 from measure import bare_forward, body_flops, direct_loglikelihood
 
@@ -303,7 +303,7 @@ class Steps:
 
     def choose_range(self) -> dict:
         scores, layers = self.distances.scores("angular_last"), self.num_layers
-        pick = similarity(Problem(layers, self.block_size, 0, 1, "angular_last", scores, search=None))
+        pick = pick_similarity(Problem(layers, self.block_size, 0, 1, "angular_last", scores, make_search=None))
         block = Block(pick.dropped[0], self.block_size)
         ranges = kept_ranges(layers, block)
         check_ranges(ranges, layers, keep_first=0, keep_last=1)

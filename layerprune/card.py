@@ -6,7 +6,7 @@ import re
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from layerprune.models import ModelInfo
-from layerprune.strategies import STRATEGIES, Choice
+from layerprune.strategies import Choice, get_strategy
 
 # Rows of the perplexity table: (label, key in metrics/perplexity_*.json, format)
 PERPLEXITY_ROWS = [  # four significant digits: what the metrics files keep (files.significant)
@@ -103,7 +103,7 @@ dvc exp run -S lang={lang} -S model.id={info.id}
 
 
 def _method(choice: Choice) -> str:
-    why = STRATEGIES[choice.strategy].why.format(metric=choice.metric, score=choice.score)
+    why = get_strategy(choice.strategy).why.format(metric=choice.metric, score=choice.score)
     return f"strategy `{choice.strategy}`: {why}"
 
 

@@ -52,9 +52,10 @@ def model_inputs(batch: list[list[int]], *, pad_id: int, device, padding_side: s
             "position_ids": position_ids.to(device), "use_cache": False}
 
 
-def body(model) -> torch.nn.Module:
-    """The base model without the lm_head: logits are unused and costly (262k vocab for Gemma 3)."""
-    layers = decoder_layers(model)
+def without_head(model, layers: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The model's decoder without the lm_head (logits are unused and costly: 262k vocab for Gemma 3), if it holds
+    `layers` (default: the decoder layer list); else the whole model."""
+    layers = decoder_layers(model) if layers is None else layers
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     return decoder if any(module is layers for module in decoder.modules()) else model
 

@@ -401,10 +401,27 @@ def training_data(heal, tokenizer, articles, held_out_ids) -> HealData:
     return HealData(train, validation, steps, count)
 
 
+def student_and_teacher(heal, pruned_dir, base_dir, dropped, device):
+    """(model to train, teacher or None, matched states): the pruned model in fp32 master weights (on CUDA the Trainer
+    computes in bf16) with only the chosen weights trainable, the frozen base model when the loss needs one (kl,
+    hidden), and the (pruned, base) hidden states the `hidden` loss compares."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    model = select_trainable(model, heal, cut_layers(dropped, num_layers, heal.cut_layers))
+    teacher = None
+    if heal.loss.kl or heal.loss.hidden:
+        teacher_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        teacher = AutoModelForCausalLM.from_pretrained(base_dir, dtype=teacher_dtype).to(device).eval()
+        teacher.requires_grad_(False)
+    return model, teacher, matched_states(dropped, num_layers, heal.cut_layers)
+
+
 def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, checkpoints, log_dir, out_dir,
                device: str, fingerprint_inputs) -> Result:
     """Train the pruned model as heal params say and write it to out_dir (rank 0); resumes from `checkpoints`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(pruned_dir)
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
@@ -438,24 +455,14 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
         start = resume_point(Path(checkpoints), expected)
     args.eval_on_start = start is None  # a resumed run has the step-0 evaluation in its history already
 
-    # fp32 master weights; on CUDA the Trainer computes in bf16 (args.bf16)
-    model = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32)
-    num_layers = config.get_text_config().num_hidden_layers
-    cut = cut_layers(dropped, num_layers, heal.cut_layers)
-    model = select_trainable(model, heal, cut)
+    model, teacher, matched = student_and_teacher(heal, pruned_dir, base_dir, dropped, args.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    teacher = None
-    if heal.loss.kl or heal.loss.hidden:
-        teacher_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        teacher = AutoModelForCausalLM.from_pretrained(base_dir, dtype=teacher_dtype).to(args.device).eval()
-        teacher.requires_grad_(False)
     # The curve is written beside the checkpoints (it is rebuilt from them on resume) and published at the end,
     # so a heal that stops on a bad loss records nothing.
     curve_dir = Path(checkpoints) / "dvclive"
     callbacks = [NonFinite(), EvaluateLast()] + ([CurveLog(curve_dir)] if args.process_index == 0 else [])
     trainer = HealTrainer(model=model, args=args, train_dataset=Blocks(data.train), eval_dataset=Blocks(data.validation),
-                          heal=heal, teacher=teacher, matched=matched_states(dropped, num_layers, heal.cut_layers),
-                          callbacks=callbacks)
+                          heal=heal, teacher=teacher, matched=matched, callbacks=callbacks)
     output = trainer.train(resume_from_checkpoint=start)
     history = trainer.state.log_history
     if args.process_index == 0:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from layerprune.errors import UserError
 # the similarity pass's batching, padding and hooks: the loss passes see the texts exactly as it does
-from layerprune.forward import Capture, batches, body, model_inputs, pad_token_id, tokenize
+from layerprune.forward import Capture, batches, model_inputs, pad_token_id, tokenize, without_head
 from layerprune.layers import decoder_layers, slice_per_layer_lists
 
 
@@ -152,7 +152,7 @@ class LossSearch:
                     with without_layers(self.model, set(range(self.num_layers)) - set(prefix)), \
                             Capture([layers[i] for i in prefix]) as capture:
                         capture.keep, capture.states = torch.ones_like(mask, dtype=torch.bool), []
-                        body(self.model)(**inputs)  # no head: the prefix needs no logits
+                        without_head(self.model, layers[prefix[0]])(**inputs)  # the prefix needs no logits
                     states = [s.view(*mask.shape, -1) for s in capture.states]
                     self._count(prefix, mask)
                 for block in blocks:
@@ -170,11 +170,11 @@ class LossSearch:
             self.losses[dropped | set(block)] = float(sums[block] / count)
 
 
-def loss_search(model, tokenizer, texts: list[str], *, search_texts: int, max_length: int, batch_size: int,
-                progress: bool = True) -> LossSearch:
-    """A LossSearch on the first `search_texts` calibration texts, tokenized as the similarity pass tokenizes them."""
-    if search_texts > len(texts):
-        raise UserError(f"prune.search_texts={search_texts}: the calibration set has only {len(texts)} texts "
+def loss_search(model, tokenizer, texts: list[str], prune, similarity, *, progress: bool = True) -> LossSearch:
+    """A LossSearch on the first prune.search_texts calibration texts, tokenized and batched as the similarity pass
+    does it (similarity.max_length, similarity.batch_size): the params sections of choose-range and the frontier."""
+    if prune.search_texts > len(texts):
+        raise UserError(f"prune.search_texts={prune.search_texts}: the calibration set has only {len(texts)} texts "
                         "(sample.calibration)")
-    token_ids, _ = tokenize(tokenizer, texts[:search_texts], max_length)
-    return LossSearch(model, token_ids, batch_size, pad_id=pad_token_id(tokenizer), progress=progress)
+    token_ids, _ = tokenize(tokenizer, texts[: prune.search_texts], similarity.max_length)
+    return LossSearch(model, token_ids, similarity.batch_size, pad_id=pad_token_id(tokenizer), progress=progress)

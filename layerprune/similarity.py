@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from layerprune.errors import UserError
 from layerprune.files import significant
-from layerprune.forward import Capture, batches, body, model_inputs
+from layerprune.forward import Capture, batches, model_inputs, without_head
 from layerprune.layers import decoder_layers
 
 METRICS = ("angular_last", "angular_mean", "block_influence")
@@ -148,6 +148,11 @@ class Distances:
                     rows.append({"metric": metric, "n": n, "start": start, "distance": distance})
         return rows
 
+    def as_written(self) -> "Distances":
+        """These distances as plots/layer_distances.csv keeps them (6 significant digits; a block's block_influence
+        the sum of its layers' as written): what every later stage reads, so what this stage reports too."""
+        return Distances.from_rows(self.to_rows(), num_samples=self.num_samples, num_tokens=self.num_tokens)
+
     @classmethod
     def from_rows(cls, rows, *, num_samples: int, num_tokens: int) -> "Distances":
         """Inverse of to_rows; accepts the strings csv.DictReader gives."""
@@ -222,7 +227,7 @@ def layer_distances(
         raise UserError(f"{type(model).__name__} has {len(layers)} decoder layer; nothing to prune")
     if not token_ids:
         raise UserError("no texts to score (every text had fewer than 2 tokens)")
-    forward = body(model)
+    forward = without_head(model, layers)
     device = model.get_input_embeddings().weight.device
     sums = _Sums(len(layers) + 1, device)
     rank, size = rank_and_size()

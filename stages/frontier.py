@@ -15,7 +15,7 @@ from layerprune.perplexity import evaluate_perplexity
 from layerprune.search import loss_search, without_layers
 from layerprune.similarity import METRICS, Distances
 from layerprune.stage import run_stage, write_timing
-from layerprune.strategies import STRATEGIES, Problem, block_losses, layers_label
+from layerprune.strategies import STRATEGIES, Problem, layers_label, loss_by_start
 
 
 def main(params, model_info, distances, calibration, eval_texts, base_metrics, plot, metrics):
@@ -26,19 +26,17 @@ def main(params, model_info, distances, calibration, eval_texts, base_metrics, p
     table = Distances.from_rows(read_csv(distances), num_samples=0, num_tokens=0)
     scores = {metric: table.scores(metric) for metric in METRICS}
     model, tokenizer = load_model(info.model_dir(), params.model.device)
-    search = loss_search(model, tokenizer, [row["text"] for row in read_jsonl(calibration)],
-                         search_texts=prune.search_texts, max_length=params.similarity.max_length,
-                         batch_size=params.similarity.batch_size)
+    search = loss_search(model, tokenizer, [row["text"] for row in read_jsonl(calibration)], prune, params.similarity)
 
     def problem(n, metric):
         return Problem(info.num_layers, n, prune.keep_first, prune.keep_last, metric, scores.get(metric),
-                       search=lambda: search)
+                       make_search=lambda: search)
 
     # The search memoises every layer set it scored: strategies, sizes and the rank correlations share its work
     searched = time.perf_counter()
     picks = {(column, n): tuple(STRATEGIES[name].pick(problem(n, metric)).dropped)
              for n in sizes for column, (name, metric) in columns().items()}
-    costs = {n: block_losses(problem(n, None)) for n in sizes}  # every block of n: how each metric ranks them
+    costs = {n: loss_by_start(problem(n, None)) for n in sizes}  # every block of n: how each metric ranks them
     search_seconds = time.perf_counter() - searched
 
     measured = {}

@@ -17,6 +17,7 @@ def main(params, model_info, calibration, distances, metrics):
         texts = [row["text"] for row in read_jsonl(calibration)]
         token_ids, dropped = tokenize(tokenizer, texts, sim.max_length)
         result = layer_distances(model, token_ids, batch_size=sim.batch_size, pad_id=pad_token_id(tokenizer))
+        result = result.as_written()  # its best blocks are then those that choose-range reads
     if rank != 0:  # every process holds the same result
         return
     write_csv(distances, result.to_rows())

@@ -95,3 +95,16 @@ def test_card_without_healing_says_the_model_needs_it():
     assert "| word perplexity | 76.25 | 229.8 | +201.4% |" in body
     assert "| layers | 18 | 16 | -11.1% |" in body
     assert "continued pre-training" in body and "strategy `similarity`: the lowest `angular_last` distance (0.0477)" in body
+
+
+@pytest.mark.parametrize("strategy, why", [
+    ("similarity", "strategy `similarity`: the lowest `angular_last` distance (0.0477)"),
+    ("deepest", "strategy `deepest`: the deepest layers before the protected ones (Gromov et al.'s baseline)"),
+    ("loss", "strategy `loss`: the lowest calibration loss (0.0477)"),
+    ("iterative", "strategy `iterative`: one layer at a time, each the cheapest by calibration loss (SLEB); loss "
+                  "after the last: 0.0477"),
+])
+def test_the_card_says_why_each_strategy_chose(strategy, why):
+    """The reason comes from the strategy's registry entry, with the metric and the score of metrics/choice.json."""
+    body = card(choice=CHOICE.model_copy(update={"strategy": strategy})).text
+    assert f"| how the layers were chosen | {why} |" in body

@@ -30,7 +30,7 @@ def test_rank_correlations():
 COLUMNS = ["angular_last", "angular_mean", "block_influence", "deepest", "loss", "iterative"]  # dvc.yaml's plot lines
 
 
-def test_frontier_rows_one_column_per_strategy():
+def test_frontier_rows_one_column_per_frontier_line():
     assert list(columns()) == COLUMNS and columns()["angular_mean"] == ("similarity", "angular_mean")
     picks = {(s, n): (n, s) for s in COLUMNS for n in (2, 4)}  # any hashable stands for a dropped set
     values = {dropped: 1.0 + dropped[0] / 10 + COLUMNS.index(dropped[1]) for dropped in picks.values()}

@@ -22,6 +22,7 @@ from layerprune.heal import (
 )
 from layerprune.models import ModelInfo
 from layerprune.params import HealParams, parse_params
+from layerprune.strategies import Choice
 
 REPO = Path(__file__).resolve().parent.parent
 DROPPED = [3, 4]  # of the tiny 8-layer base
@@ -73,7 +74,9 @@ def work(tmp_path_factory):
     articles = [{"id": f"a{i}", "title": "", "text": words()} for i in range(120)]
     write_jsonl(root / "corpus.jsonl", articles)
     write_jsonl(root / "eval.jsonl", articles[:10])
-    (root / "choice.json").write_text(json.dumps({"dropped": [3, 4]}))
+    Choice(strategy="similarity", metric="angular_last", n=2, dropped=DROPPED, dropped_layers="3..4", start=3,
+           distance=0.1, score_name="angular_last distance", score=0.1, kept_ranges="[0,3] + [5,8]", layers_before=8,
+           layers_kept=6, parameters_before=0, parameters_after=0).save(root / "choice.json")
     # only local_dir matters here; the other fields of ModelInfo are left empty
     ModelInfo(**{f.name: None for f in fields(ModelInfo)} | {"local_dir": str(root / "base")}).save(root / "base.json")
     return root

@@ -105,3 +105,19 @@ def test_local_folder_fingerprint_changes_when_weights_are_replaced_only(tmp_pat
     assert first["kind"] == "local" and first == locate(str(tmp_path / "mine"), "main")
     tiny_llama(seed=1).save_pretrained(tmp_path / "mine")  # new weights, same names
     assert locate(str(tmp_path / "mine"), "main")["revision"] != first["revision"]
+
+
+def test_a_gguf_file_is_parsed_once_while_exporting(monkeypatch):
+    """transformers builds a gguf.GGUFReader for the config, the weights and the tokenizer; inside
+    gguf_parsed_once the second and third builds of the same file reuse the first, and the reader is restored."""
+    import gguf
+
+    from layerprune.models import gguf_parsed_once
+
+    built = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *args: built.append(path) or (path, len(built)))
+    with gguf_parsed_once():
+        first, again, other = gguf.GGUFReader("a.gguf"), gguf.GGUFReader("a.gguf"), gguf.GGUFReader("b.gguf")
+    assert first is again and other != first and built == ["a.gguf", "b.gguf"]
+    gguf.GGUFReader("a.gguf")
+    assert built == ["a.gguf", "b.gguf", "a.gguf"]  # outside, every call builds again

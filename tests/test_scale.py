@@ -181,7 +181,7 @@ def test_slice_rate_is_over_the_slice_alone(clocked, tmp_path):
     steps.block, steps.ranges = Block(3, 4), [(0, 3), (7, 8)]
 
     def slice_model(config, out_dir, progress):
-        assert [s["sources"][0]["layer_range"] for s in config["slices"]] == [[0, 3], [7, 8]]
+        assert [s.sources[0].layer_range for s in config.slices] == [(0, 3), (7, 8)]
         out_dir.mkdir()
         (out_dir / "model.safetensors").write_bytes(b"\0" * 1_000_000)
         clock.take(2.0)

@@ -14,7 +14,7 @@ from layerprune.errors import UserError
 from layerprune.ranges import kept_ranges, passthrough_config
 from layerprune.search import LossSearch, without_layers
 from layerprune.slicing import slice_model
-from layerprune.strategies import Block, Problem, block_losses, iterative, loss
+from layerprune.strategies import Block, Problem, loss_by_start, pick_iterative, pick_loss
 
 NUM_LAYERS = 6
 
@@ -121,7 +121,7 @@ def _with_planted_identities(layers_to_plant):
 
 
 def _problem(search, size, keep_first=0, keep_last=1):
-    return Problem(search.num_layers, size, keep_first, keep_last, None, None, search=lambda: search)
+    return Problem(search.num_layers, size, keep_first, keep_last, None, None, make_search=lambda: search)
 
 
 def test_iterative_finds_planted_identity_layers():
@@ -134,7 +134,7 @@ def test_iterative_finds_planted_identity_layers():
     assert all(abs(singles[i] - base) < 1e-3 for i in planted)
     assert all(singles[i] > base + 0.05 for i in set(range(5)) - planted)
 
-    pick = iterative(_problem(search, 2))
+    pick = pick_iterative(_problem(search, 2))
     assert set(pick.dropped) == planted  # not consecutive: no block of 2 could drop both
     assert abs(pick.score - base) < 1e-3
     step = {number: {row["start"]: row["loss"] for row in pick.candidates if row["step"] == number} for number in (1, 2)}
@@ -142,9 +142,9 @@ def test_iterative_finds_planted_identity_layers():
     assert step[1] == singles and set(step[2]) == set(range(5)) - {first}
     assert step[2][(planted - {first}).pop()] == pick.score
     # the contiguous search at n=1 sees the same losses; at n=2 it cannot reach the planted pair
-    one = loss(_problem(search, 1))
-    assert one.dropped[0] in planted and block_losses(_problem(search, 1)) == singles
-    assert loss(_problem(search, 2)).score > pick.score
+    one = pick_loss(_problem(search, 1))
+    assert one.dropped[0] in planted and loss_by_start(_problem(search, 1)) == singles
+    assert pick_loss(_problem(search, 2)).score > pick.score
 
 
 def test_flops_count_the_layers_each_candidate_runs():
@@ -165,7 +165,7 @@ def test_flops_count_the_layers_each_candidate_runs():
 
 def test_no_room_is_one_line_naming_the_keys():
     search = LossSearch(tiny_llama(num_layers=NUM_LAYERS), _texts(), batch_size=2, progress=False)
-    for strategy in (loss, iterative):
+    for strategy in (pick_loss, pick_iterative):
         with pytest.raises(UserError, match=r"^prune.keep_first=2, prune.keep_last=1: leave 3 droppable") as err:
             strategy(_problem(search, 4, keep_first=2, keep_last=1))
         assert "\n" not in str(err.value)

@@ -250,8 +250,9 @@ def write_word_model(folder):
 def test_two_processes_give_the_matrix_of_one(tmp_path, num_texts):
     """The stage under torchrun with 2 gloo processes, against one process in this one. 2 texts in batches of 2:
     one batch, so process 1 scores nothing and must still join the sums (with zeros). 4 texts: each process
-    scores one whole batch, and the sums are bit-identical. 10 texts: 3 and 2 batches; only the order of the
-    float64 additions differs."""
+    scores one whole batch, and the sums are bit-identical, so the CSVs (6 significant digits) are too. 10 texts: 3
+    and 2 batches; only the order of the float64 additions differs (~1e-16), which the 6th digit may show only
+    when a value lies on a rounding boundary."""
     from test_errors import write_model_info, write_params
 
     from layerprune.files import read_csv
@@ -278,12 +279,12 @@ def test_two_processes_give_the_matrix_of_one(tmp_path, num_texts):
 
     model, tokenizer = load_model(model_dir, "cpu")
     one = layer_distances(model, tokenize(tokenizer, texts, 128)[0], batch_size=2, progress=False)
-    one = Distances.from_rows(one.to_rows(), num_samples=0, num_tokens=0)  # as the CSV keeps it: 6 digits
+    one = one.as_written()  # as the CSV keeps it: 6 significant digits
     for metric in ("angular_last", "angular_mean", "block_influence"):
         if num_texts <= 4:
             np.testing.assert_array_equal(got.scores(metric), one.scores(metric), err_msg=metric)
         else:
-            np.testing.assert_allclose(got.scores(metric), one.scores(metric), atol=1e-12, rtol=0, err_msg=metric)
+            np.testing.assert_allclose(got.scores(metric), one.scores(metric), atol=0, rtol=1e-5, err_msg=metric)
 
 
 def test_processes_must_be_positive():

@@ -188,3 +188,14 @@ def test_output_that_does_not_load_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"FalconForCausalLM does not load with transformers: 4 missing_keys"):
         slice_model(_config(tmp_path / "base"), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_merge_config_round_trips_through_its_yaml(tmp_path):
+    """choose-range writes mergekit's own YAML (MergeConfiguration.to_yaml); the slice stage reads the same config."""
+    from layerprune.slicing import load_merge_config
+
+    config = passthrough_config("org/name@0123abc", kept_ranges(60, Block(24, 31)), "bfloat16")
+    (tmp_path / "slice.yaml").write_text(config.to_yaml() + "\n")
+    back = load_merge_config(tmp_path / "slice.yaml")
+    assert back == config and [s.sources[0].layer_range for s in back.slices] == [(0, 24), (55, 60)]
+    assert str(back.slices[0].sources[0].model) == "org/name@0123abc"  # the commit pin survives

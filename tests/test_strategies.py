@@ -5,12 +5,14 @@ import pytest
 
 from layerprune.errors import UserError
 from layerprune.ranges import check_ranges, kept_ranges, passthrough_config
-from layerprune.strategies import STRATEGIES, Block, Choice, Problem, allowed_starts, block_size, layers_label, runs, strategy
+from layerprune.strategies import (STRATEGIES, Block, Choice, Problem, allowed_starts, block_size, get_strategy,
+                                   layers_label, runs)
 
 
 def choose_block(scores, num_layers, size, name, keep_first, keep_last) -> Block:
     """The block a registered strategy picks from these scores alone (no search)."""
-    pick = strategy(name).pick(Problem(num_layers, size, keep_first, keep_last, "angular_last", scores, search=None))
+    pick = get_strategy(name).pick(Problem(num_layers, size, keep_first, keep_last, "angular_last", scores,
+                                           make_search=None))
     assert pick.dropped == list(range(pick.dropped[0], pick.dropped[0] + size))
     return Block(pick.dropped[0], size)
 
@@ -210,3 +212,11 @@ def test_each_metric_gives_its_own_block_through_the_stage(tmp_path, metric, dro
     assert (choice["metric"], choice["dropped"]) == (metric, dropped)
     config = yaml.safe_load((tmp_path / "slice.yaml").read_text())
     assert [s["sources"][0]["layer_range"] for s in config["slices"]] == ranges
+
+
+def test_the_search_is_built_once_per_problem():
+    """choose-range's search loads the model: a strategy that asks twice (loss_by_start, then search()) must not
+    load it twice, nor lose what the first call scored."""
+    built = []
+    problem = Problem(6, 2, 0, 1, None, None, make_search=lambda: built.append(object()) or built[-1])
+    assert problem.search() is problem.search() and len(built) == 1
