@@ -25,7 +25,7 @@ from layerprune.models import ModelInfo, load_model
 from layerprune.params import load_params
 from layerprune.search import LossSearch, loss_search
 from layerprune.similarity import METRICS, Distances
-from layerprune.strategies import Block, Problem, layers_label, loss_by_start, pick_similarity
+from layerprune.strategies import Block, Problem, layers_label, loss_by_start, pick_loss, pick_similarity
 from layerprune.tiny_models import tiny_falcon11b
 from measure import interleave, ratio, timed
 
@@ -37,10 +37,10 @@ def texts(path: Path) -> list[str]:
 
 
 def best_block(search, n: int, prune) -> tuple[Block, dict[int, float]]:
-    """The `loss` strategy's block of n on this search's texts, and the loss without every allowed block."""
-    losses = loss_by_start(Problem(search.num_layers, n, prune.keep_first, prune.keep_last, None, None,
-                                   make_search=lambda: search))
-    return Block(min(losses, key=losses.get), n), losses
+    """The `loss` strategy's block of n on this search's texts, and the loss without every allowed block (memoised:
+    the strategy scored them all already)."""
+    problem = Problem(search.num_layers, n, prune.keep_first, prune.keep_last, None, None, make_search=lambda: search)
+    return Block(pick_loss(problem).dropped[0], n), loss_by_start(problem)
 
 
 def heldout_rows(model, tokenizer, params, p, heldout_texts) -> list[dict]:
