@@ -48,7 +48,7 @@ def stage_outputs(stage: str) -> set[str]:
     return {_filled(name) for name in names}
 
 
-def _timing(metrics: str) -> str:
+def timing_file(metrics: str) -> str:
     """Where a stage's timing goes: logs/<its metrics file's stem>.timing.json (layerprune.stage.write_timing)."""
     return f"logs/{Path(metrics).stem}.timing.json"
 
@@ -60,9 +60,9 @@ OTHER_PATHS = {
     "choice": _HEAL["choice"],
     "heal_metrics": _HEAL["metrics"],
     "heal_curves": _HEAL["curves"],
-    "heal_timing": _timing(_HEAL["metrics"]),
+    "heal_timing": timing_file(_HEAL["metrics"]),
     "frontier_metrics": _FRONTIER["metrics"],
-    "frontier_timing": _timing(_FRONTIER["metrics"]),
+    "frontier_timing": timing_file(_FRONTIER["metrics"]),
 }
 
 

@@ -15,7 +15,6 @@ import psutil
 import torch
 
 from layerprune.forward import batches, model_inputs, pad, without_head
-from layerprune.layers import decoder_layers
 
 
 def interleave(contestants: dict, rounds: int) -> dict[str, list]:
@@ -88,18 +87,6 @@ def matmul_flops_per_second(size: int = 2048) -> float:
     """FLOP/s of a plain fp32 size x size matmul, the best of three: the machine's practical peak."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     return 2 * size**3 / min(timed(torch.matmul, a, b) for _ in range(3))
-
-
-def body_flops(model, lengths: list[int]) -> float:
-    """Useful FLOPs of the decoder layers on samples of these lengths: 2 per weight per token (a multiply-add),
-    plus causal attention, QK^T and AV at s^2/2 multiply-adds each per head dim: 2 s^2 heads head_dim per layer.
-    Padding and the embedding lookup (no arithmetic) are not counted."""
-    config = model.config.get_text_config()
-    layers = decoder_layers(model)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    weights = sum(p.numel() for p in layers.parameters())
-    attention = len(layers) * sum(2 * s * s * config.num_attention_heads * head_dim for s in lengths)
-    return 2 * weights * sum(lengths) + attention
 
 
 def bare_forward(model, token_ids, batch_size: int, pad_id: int) -> None:

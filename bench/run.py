@@ -27,6 +27,7 @@ from common import (  # first: offline switches
 import torch
 
 from layerprune.files import write_jsonl
+from layerprune.cost import forward_flops
 from layerprune.forward import pad_token_id, tokenize
 from layerprune.layers import decoder_layers
 from layerprune.models import ModelInfo, export_bundled, load_model
@@ -37,7 +38,7 @@ from layerprune.similarity import layer_distances
 from layerprune.strategies import Block
 from layerprune.texts import fetch_bundled, split_samples
 from measure import (
-    bare_forward, body_flops, direct_loglikelihood, in_child, interleave, matmul_flops_per_second, pruneme_pass,
+    bare_forward, direct_loglikelihood, in_child, interleave, matmul_flops_per_second, pruneme_pass,
     ratio, similarity_peak_rss, timed, timed_slice,
 )
 
@@ -125,7 +126,7 @@ def similarity_rows(model, tokenizer, texts, sizes: Sizes) -> list[dict]:
     pruneme = interleave({"ours": run_ours, "pass": lambda r: timed(pruneme_pass, model, ids, ns[r], bs, pad_id)}, 2)
     sweep = [t * (num_layers - 1) for t in pruneme["pass"]]
     ours, bare, matmul = min(runs["ours"]), min(runs["bare"]), max(runs["matmul"])
-    flops = body_flops(model, list(map(len, ids)))
+    flops = forward_flops(model, list(map(len, ids)))
     how = f"{len(ids)} texts, {tokens} tokens (≤ {sizes.max_length} each), batch {bs}"
     return [
         row("similarity: `layer_distances` tokens/s ÷ bare body forward (no hooks, no lm_head), same batches",

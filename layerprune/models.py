@@ -3,14 +3,17 @@ import hashlib
 import json
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from layerprune.budget import ENV_VAR, Workload, gib, memory_budget, plan, return_freed_memory
 from layerprune.bundled import BUNDLED_MODELS, gguf_file
 from layerprune.errors import UserError
 from layerprune.files import read_json, write_json
+from layerprune.layers import decoder_layers
 
 # What we fetch of a hub model: config, safetensors weights, tokenizer and the card (for its license); no .bin
 # duplicates, no remote code
@@ -226,17 +229,35 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_model(model_dir, device: str = "auto", gpu: int | None = None):
+def load_model(model_dir, device: str = "auto", gpu: int | None = None, *,
+               workload: Workload | tuple[Workload, ...] = (), reserved: int = 0):
     """Load a causal LM for analysis: fp32 on CPU; bf16 on CUDA, spread over GPUs with device_map="auto", or all on
-    GPU `gpu` (one process per GPU)."""
+    GPU `gpu` (one process per GPU). Under the machine's memory budget (budget.py: LAYERPRUNE_MEMORY), on one device,
+    as many decoder layers as fit beside passes like `workload` (or each of several; none: the weights alone), the rest
+    read from the safetensors files. `reserved` bytes of the budget are the caller's (the heal's student beside its teacher)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)
-    if device == "cuda":
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    placement = None
+    budget = memory_budget()
+    if budget is not None:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):  # shapes only: no memory, no weights read
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        target = "cpu" if device == "cpu" else (gpu or 0)
+        workloads = workload if isinstance(workload, tuple) else (workload,)
+        placement = plan(skeleton, budget, workloads, device=target, element_bytes=dtype.itemsize,
+                         reserved=reserved)
+        print(f"{ENV_VAR}={gib(budget)}: {placement.describe()}", file=sys.stderr)
+    if placement is not None and placement.device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=placement.device_map)
+        return_freed_memory(decoder_layers(model))
+    elif device == "cuda":
         device_map = "auto" if gpu is None else {"": gpu}
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model.eval(), tokenizer

@@ -46,6 +46,13 @@ def write_task(eval_texts_path: Path, task_dir: Path, task_name: str) -> None:
     (task_dir / f"{task_name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
 
 
+def eval_workload(batch_size: int, max_length: int):
+    """lm-eval's largest pass: a batch of full windows, with logits (for models.load_model's memory budget)."""
+    from layerprune.budget import Workload
+
+    return Workload(batch_size * max_length, max_length, logits=True)
+
+
 def evaluate_perplexity(
     model_dir: Path, eval_texts_path: Path, *, max_length: int, batch_size: int, device: str = "cpu", work_dir: Path,
     tasks: list[str] = (), include_path: str | None = None, tokenizer=None,
@@ -53,7 +60,8 @@ def evaluate_perplexity(
     """Word and byte perplexity of the model in model_dir on the held-out texts, and scoring throughput.
 
     model_dir may also be a model already in memory (the frontier's, with layers removed in place), with its
-    tokenizer; it is scored as it is, on its own device and in its own dtype.
+    tokenizer; it is scored as it is, on its own device and in its own dtype. A folder is loaded by
+    models.load_model, within the machine's memory budget.
 
     `tasks` are more lm-eval tasks (by name, from lm-eval's registry or from the task YAMLs in include_path), scored
     in the same run with the same loaded model; their metrics come back under "tasks"."""
@@ -66,12 +74,12 @@ def evaluate_perplexity(
         raise UserError(f"sample.eval: the held-out set {eval_texts_path} has no texts (dropped {dropped})")
 
     import lm_eval
-    import torch
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
-    from layerprune.models import pick_device
+    from layerprune.cost import Cost, forward_flops
+    from layerprune.models import load_model, pick_device
 
     # A fresh task dir each run: the datasets cache keys on the file's path and mtime, and we want no stale copy.
     task_dir = Path(work_dir) / "lm_eval_task"
@@ -93,20 +101,27 @@ def evaluate_perplexity(
         where = f"lm-eval's registry or eval.include_path={include_path!r}" if include_path else "lm-eval's registry"
         raise UserError(f"eval.tasks: unknown task(s) {', '.join(unknown)}: not in {where}")
     device = pick_device(device)
-    in_memory = not isinstance(model_dir, (str, Path))
+    if isinstance(model_dir, (str, Path)):  # the one loader: within the machine's memory budget (budget.py)
+        model, tokenizer = load_model(model_dir, device, workload=eval_workload(batch_size, max_length))
+    else:
+        model = model_dir
     lm = HFLM(
-        pretrained=model_dir if in_memory else str(model_dir),
+        pretrained=model,
         tokenizer=tokenizer,
-        device=device,
-        dtype="bfloat16" if device == "cuda" else "float32",
         # Explicit: the default is the model's advertised context (32k for Gemma 3), far beyond what we need.
         max_length=max_length,
         batch_size=batch_size,
-        # A model too big for one GPU: accelerate's device_map over every visible GPU, as the analysis does
-        parallelize=device == "cuda" and torch.cuda.device_count() > 1 and not in_memory,
     )
+    # lm-eval scores each text in disjoint windows of max_length tokens: the FLOPs of those windows, and the time
+    # they take at the rate of lm-eval's first batch (its own progress bar shows the ETA after that)
+    windows = [min(max_length, length - begin) for length in map(len, tokenizer([r["text"] for r in records]).input_ids)
+               for begin in range(0, length, max_length)]
+    cost = Cost("held-out perplexity", forward_flops(model, windows, head=True))
+    first_call = cost.first_call(model, lambda ids: forward_flops(model, [ids.shape[-1]] * len(ids), head=True))
     start = time.perf_counter()
-    results = lm_eval.simple_evaluate(model=lm, tasks=[TASK_NAME, *tasks], task_manager=task_manager, log_samples=True)
+    with first_call:
+        results = lm_eval.simple_evaluate(model=lm, tasks=[TASK_NAME, *tasks], task_manager=task_manager,
+                                          log_samples=True)
     seconds = time.perf_counter() - start
 
     # Every token of a text is predicted exactly once (the first one from the BOS/EOS prefix), so the tokens

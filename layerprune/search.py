@@ -10,12 +10,15 @@ Layers are removed in memory (without_layers), the way mergekit's passthrough sl
 Nothing is hand-written of a model's forward pass: a candidate runs the model's own forward, with the state
 recorded at p put in place of the token embeddings (the embeddings feed the first layer it keeps).
 """
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
+from layerprune.budget import Workload
+from layerprune.cost import Cost
 from layerprune.errors import UserError
 # the similarity pass's batching, padding and hooks: the loss passes see the texts exactly as it does
 from layerprune.forward import Capture, batches, model_inputs, pad_token_id, tokenize, without_head
@@ -101,6 +104,7 @@ class LossSearch:
             raise UserError("no texts to score (every calibration text had fewer than 2 tokens)")
         self.num_layers = len(decoder_layers(self.model))
         self._flops_per_token = layer_flops(self.model)
+        self._head_flops = 2 * self.model.get_output_embeddings().weight.numel()
         self._device = self.model.get_input_embeddings().weight.device
 
     def _count(self, layers_run, mask) -> None:
@@ -140,10 +144,15 @@ class LossSearch:
         prefix = kept[: max(kept.index(b[0]) for b in blocks)]  # the layers before the deepest block
         sums = {block: torch.zeros((), dtype=torch.float64) for block in blocks}
         count, state = 0, {}
+        per_token = sum(self._flops_per_token[i] for i in prefix) + sum(
+            sum(self._flops_per_token[i] for i in kept[kept.index(b[0]) + len(b) :]) + self._head_flops for b in blocks)
+        tokens = sum(map(len, self.token_ids))
+        cost = Cost(f"calibration loss of {len(blocks)} candidates", per_token * tokens, quiet=not self.progress)
         bar = tqdm(total=len(self.token_ids) * len(blocks), unit="text×block", desc="calibration loss",
                    disable=not self.progress, leave=False)
         with torch.inference_mode(), bar:
             for batch in batches(self.token_ids, self.batch_size):
+                started = time.perf_counter()
                 inputs = model_inputs(batch, pad_id=self.pad_id, device=self._device)
                 input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
                 count += int(_scored(mask).sum())
@@ -166,8 +175,16 @@ class LossSearch:
                     sums[block] += token_nll(logits, input_ids, mask).double().cpu()
                     self._count(after, mask)
                     bar.update(len(batch))
+                cost.first_batch(per_token * int(mask.sum()), time.perf_counter() - started)
         for block in blocks:
             self.losses[dropped | set(block)] = float(sums[block] / count)
+
+
+def search_workload(similarity, num_layers: int) -> Workload:
+    """The largest pass of a search: one batch of the similarity pass's shape, the input of every layer kept, and
+    the logits."""
+    tokens = similarity.batch_size * similarity.max_length
+    return Workload(tokens, similarity.max_length, kept_states=num_layers + 1, logits=True)
 
 
 def loss_search(model, tokenizer, texts: list[str], prune, similarity, *, progress: bool = True) -> LossSearch:

@@ -15,18 +15,30 @@ Block sizes run over 1..L-1 (dropping every layer is not a pruning).
 
 Across processes (torchrun): every sum is additive over texts, so each process scores its share of the batches and
 the sums are added up with one all-reduce before the matrix is formed (see layer_distances, process_group).
+
+A killed pass resumes: every process saves its sums, exactly (float64), after the batches it has done (see
+SumsCheckpoint), and a rerun adds the remaining batches to them in the same order, so it ends with the same bits.
 """
+import hashlib
+import io
+import json
 import math
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import layerprune.forward
+import layerprune.layers
+from layerprune.budget import Workload
+from layerprune.cost import Cost, forward_flops
 from layerprune.errors import UserError
-from layerprune.files import significant
+from layerprune.files import atomic_write_bytes, remove_stale_temps, significant
 from layerprune.forward import Capture, batches, model_inputs, without_head
 from layerprune.layers import decoder_layers
 
@@ -91,6 +103,74 @@ class _Sums:
         for tensor in (self.last, self.mean, self.adjacent_cos, counts):
             dist.all_reduce(tensor)
         self.num_samples, self.num_tokens = counts.tolist()
+
+
+class SumsCheckpoint:
+    """One process's _Sums on disk, so that a killed pass resumes after the last batch saved.
+
+    The tensors go through torch.save, which keeps float64 exactly, and the rerun adds the remaining batches in the
+    same order: the result is the one of an unbroken pass to the last bit. The file names the work it belongs to
+    (a fingerprint); a file of other work is deleted, not resumed. Without a folder it does nothing."""
+
+    def __init__(self, folder, rank: int, every_seconds: float):
+        self.path = None if folder is None else Path(folder) / f"sums.rank{rank}.pt"
+        self.every_seconds = every_seconds
+        self.fingerprint = None
+        self.saved_at = time.monotonic()
+
+    def resume(self, sums: _Sums, num_batches: int, **work) -> int:
+        """How many batches `sums` now holds: those of a checkpoint of this `work` (see work_fingerprint), else 0."""
+        if self.path is None:
+            return 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # the folder is a DVC output even if nothing is saved
+        self.fingerprint = work_fingerprint(**work)
+        if not self.path.exists():
+            return 0
+        saved = torch.load(self.path, map_location=sums.last.device, weights_only=True)
+        if saved.get("fingerprint") != self.fingerprint:
+            print(f"layer distances: starting afresh; {self.path} held the sums of other work (texts, batches, model "
+                  "or code)", flush=True)
+            self.path.unlink()
+            return 0
+        sums.last, sums.mean, sums.adjacent_cos = saved["last"], saved["mean"], saved["adjacent_cos"]
+        sums.num_samples, sums.num_tokens = saved["num_samples"], saved["num_tokens"]
+        which = f" (rank {work['rank']})" if work["size"] > 1 else ""
+        print(f"resuming layer distances at batch {saved['batches']} of {num_batches}{which}", flush=True)
+        return saved["batches"]
+
+    def after_batch(self, sums: _Sums, batches_done: int) -> None:
+        """Save the sums of the first `batches_done` batches, if `every_seconds` have passed since the last save."""
+        if self.path is None or time.monotonic() - self.saved_at < self.every_seconds:
+            return
+        buffer = io.BytesIO()
+        torch.save({"fingerprint": self.fingerprint, "batches": batches_done, "last": sums.last, "mean": sums.mean,
+                    "adjacent_cos": sums.adjacent_cos, "num_samples": sums.num_samples,
+                    "num_tokens": sums.num_tokens}, buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())  # temp file + rename: a kill mid-write keeps the last one
+        self.saved_at = time.monotonic()
+
+    def remove(self, all_ranks: bool) -> None:
+        """After a finished pass: the folder is left empty, so the persistent DVC output is the same after every run
+        (as checkpoints/heal is), and nothing stale is left to resume from. `all_ranks` also removes the files of
+        other ranks, those a killed run with more processes left included; only once every process is done saving."""
+        if self.path is None:
+            return
+        for path in self.path.parent.glob("sums.rank*.pt") if all_ranks else [self.path]:
+            path.unlink(missing_ok=True)
+            remove_stale_temps(path)  # a save that a kill cut short
+
+
+def work_fingerprint(*, token_ids, model_key: str, **work) -> str:
+    """A hash of everything the sums depend on: the token ids, the batching and process share (`work`), the model
+    (`model_key`, e.g. its id and revision), the code that computes them and the libraries that run the model."""
+    import transformers
+
+    digest = hashlib.sha256(json.dumps({**work, "model_key": model_key, "torch": torch.__version__,
+                                        "transformers": transformers.__version__}, sort_keys=True).encode())
+    for module in (__file__, layerprune.forward.__file__, layerprune.layers.__file__):
+        digest.update(Path(module).read_bytes())
+    digest.update(json.dumps(token_ids).encode())
+    return digest.hexdigest()
 
 
 def _by_block(pairs: np.ndarray) -> np.ndarray:
@@ -205,6 +285,13 @@ def process_group(device: str):
         dist.destroy_process_group()
 
 
+def similarity_workload(batch_size: int, max_length: int, num_layers: int) -> Workload:
+    """The pass's largest batch, for models.load_model's memory budget: no logits, the L+1 states of every token kept,
+    and the float64 copies _Sums.add makes of them, CHUNK_ELEMENTS at a time."""
+    return Workload(batch_size * max_length, max_length, kept_states=num_layers + 1, logits=False,
+                    float64_chunk=CHUNK_ELEMENTS)
+
+
 def layer_distances(
     model,
     token_ids: list[list[int]],
@@ -213,6 +300,9 @@ def layer_distances(
     padding_side: str = "right",
     pad_id: int = 0,
     progress: bool = True,
+    checkpoints=None,
+    model_key: str = "",
+    checkpoint_seconds: float = 30.0,
 ) -> Distances:
     """Score every block of consecutive decoder layers on the given token ids (one forward pass per batch).
 
@@ -221,6 +311,13 @@ def layer_distances(
     longest texts spread over all processes); every process returns the same result. Per batch the sums are those
     of one process; only the order of the float64 additions across batches differs (~1e-16 relative), and with
     one batch per process the result is bit-identical.
+
+    With a `checkpoints` folder, every process saves its sums there (a file per rank) at most every
+    `checkpoint_seconds`, and a rerun of the same work resumes after the last batch saved, with the same result to
+    the last bit; `model_key` names the model's weights (id and revision) for the fingerprint. The file is deleted at
+    the end. Why 30 s: a save is (L+1)^2 float64 twice (60 KB at 60 layers) and one device sync, about a millisecond;
+    after every batch that would be nothing on a CPU (seconds to minutes a batch) but a few % on a GPU with small
+    batches, while 30 s keeps the cost under 0.1% anywhere and a kill loses at most 30 s of work.
     """
     layers = decoder_layers(model)
     if len(layers) < 2:
@@ -232,11 +329,21 @@ def layer_distances(
     sums = _Sums(len(layers) + 1, device)
     rank, size = rank_and_size()
     share = list(batches(token_ids, batch_size))[rank::size]
+    checkpoint = SumsCheckpoint(checkpoints, rank, checkpoint_seconds)
+    start = checkpoint.resume(
+        sums, len(share), token_ids=token_ids, model_key=model_key, batch_size=batch_size, padding_side=padding_side,
+        pad_id=pad_id, rank=rank, size=size, model=f"{type(model).__name__}, {len(layers)} layers, {device}, "
+                                                   f"{model.get_input_embeddings().weight.dtype}")
     total = sum(len(ids) for batch in share for ids in batch)
+    quiet = not progress or rank != 0
+    cost = Cost("layer distances", sum(forward_flops(model, list(map(len, batch))) for batch in share[start:]),
+                quiet=quiet)
     with Capture(layers) as capture, torch.inference_mode(), tqdm(
-        total=total, unit="tok", desc="layer distances", disable=not progress or rank != 0
+        total=total, initial=sum(len(ids) for batch in share[:start] for ids in batch), unit="tok",
+        desc="layer distances", disable=quiet
     ) as bar:
-        for batch in share:
+        for done, batch in enumerate(share[start:], start + 1):
+            started = time.perf_counter()
             inputs = model_inputs(batch, pad_id=pad_id, device=device, padding_side=padding_side)
             mask = inputs["attention_mask"]
             capture.keep, capture.states = mask.bool(), []
@@ -244,8 +351,11 @@ def layer_distances(
             sums.add(capture.states, mask.sum(-1))
             capture.states = []  # free this batch's states before the next forward pass
             bar.update(int(mask.sum()))
+            cost.first_batch(forward_flops(model, list(map(len, batch))), time.perf_counter() - started)
+            checkpoint.after_batch(sums, done)
     if size > 1:
         sums.all_reduce()
+    checkpoint.remove(all_ranks=rank == 0)  # only now: every process is past its last save
     last, mean = ((pair_sums / sums.num_samples).cpu().numpy() for pair_sums in (sums.last, sums.mean))
     return Distances(
         num_layers=len(layers),

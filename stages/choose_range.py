@@ -9,7 +9,7 @@ from layerprune.files import atomic_write_text, read_csv, read_jsonl, write_csv
 from layerprune.models import ModelInfo, count_parameters, load_model
 from layerprune.plots import similarity_heatmap
 from layerprune.ranges import check_ranges, kept_ranges, passthrough_config
-from layerprune.search import loss_search
+from layerprune.search import loss_search, search_workload
 from layerprune.similarity import Distances
 from layerprune.stage import run_stage
 from layerprune.strategies import Choice, Problem, block_size, get_strategy, layers_label, runs
@@ -19,7 +19,8 @@ LOSS_COLUMNS = ("step", "start", "dropped", "loss")
 
 def calibration_search(params, info, calibration):
     """The calibration-loss search of the loss-based strategies (loads the model): prune.search_texts texts."""
-    model, tokenizer = load_model(info.model_dir(), params.model.device)
+    model, tokenizer = load_model(info.model_dir(), params.model.device,
+                                  workload=search_workload(params.similarity, info.num_layers))
     return loss_search(model, tokenizer, [row["text"] for row in read_jsonl(calibration)], params.prune,
                        params.similarity)
 

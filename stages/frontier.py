@@ -11,8 +11,8 @@ from tqdm import tqdm
 from layerprune.files import read_csv, read_json, read_jsonl, significant, write_csv, write_json
 from layerprune.frontier import check_sizes, columns, frontier_rows, per_column, rank_correlations
 from layerprune.models import ModelInfo, load_model
-from layerprune.perplexity import evaluate_perplexity
-from layerprune.search import loss_search, without_layers
+from layerprune.perplexity import eval_workload, evaluate_perplexity
+from layerprune.search import loss_search, search_workload, without_layers
 from layerprune.similarity import METRICS, Distances
 from layerprune.stage import run_stage, write_timing
 from layerprune.strategies import STRATEGIES, Problem, layers_label, loss_by_start
@@ -25,7 +25,9 @@ def main(params, model_info, distances, calibration, eval_texts, base_metrics, p
     check_sizes(sizes, info.num_layers, prune.keep_first, prune.keep_last)
     table = Distances.from_rows(read_csv(distances), num_samples=0, num_tokens=0)
     scores = {metric: table.scores(metric) for metric in METRICS}
-    model, tokenizer = load_model(info.model_dir(), params.model.device)
+    workloads = (search_workload(params.similarity, info.num_layers),
+                 eval_workload(params.eval.batch_size, params.eval.max_length))
+    model, tokenizer = load_model(info.model_dir(), params.model.device, workload=workloads)
     search = loss_search(model, tokenizer, [row["text"] for row in read_jsonl(calibration)], prune, params.similarity)
 
     def problem(n, metric):

@@ -1,4 +1,5 @@
 """A throwaway copy of the pipeline in its own git repo, so end-to-end tests never touch this repo's dvc.lock."""
+import hashlib
 import json
 import os
 import re
@@ -75,6 +76,18 @@ class PipelineRepo:
         """Back to the last commit: params, lock, metrics and the DVC-tracked outputs."""
         self.git("reset", "-q", "--hard")
         self.dvc("checkout", "--force")
+
+    def cache_objects(self) -> dict[str, str]:
+        """Every file of the DVC cache by the md5 it is stored under (a folder's listing is `<md5>.dir`, the md5 of
+        that JSON), with the md5 of what it holds now. The two differ where a stage wrote in place into an output
+        that DVC linked to the cache (.dvc/config: hardlink): the file written is the cache's own copy."""
+        objects = {}
+        for path in (self.root / ".dvc/cache/files/md5").rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    content = hashlib.file_digest(f, "md5").hexdigest()
+                objects[path.parent.name + path.name.removesuffix(".dir")] = content
+        return objects
 
     @staticmethod
     def stages_run(result) -> set[str]:

@@ -140,3 +140,38 @@ def test_experiments_compare_across_languages(repo):
     assert repo.json("metrics/corpus.json")["lang"] == "de"
     assert repo.stages_run(repo.dvc("repro")) == ALWAYS
     assert (repo.root / "models/release/model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def unhealed(repo):
+    """The committed run again with heal.tokens=0: heal links the pruned weights in as the healed ones, and
+    perplexity-healed and release run on them. The DVC cache is read before and after."""
+    repo.reset()
+    before = {"objects": repo.cache_objects(), "healed": repo.json("metrics/perplexity_healed.json")}
+    run = repo.dvc("exp", "run", "-S", "heal.tokens=0")
+    return {"before": before, "run": run, "objects": repo.cache_objects()}
+
+
+def test_no_stage_writes_into_the_cache(unhealed):
+    """Outputs are hard links to their cache objects (.dvc/config), so a stage that opened an existing file for
+    writing, instead of writing a new one and renaming it, would change the cache's copy. Every object still hashes
+    to its name after every run this module made, and after a rerun of heal, perplexity-healed and release."""
+    for objects in (unhealed["before"]["objects"], unhealed["objects"]):
+        assert objects and {name: md5 for name, md5 in objects.items() if md5 != name} == {}
+
+
+def test_without_healing_the_healed_numbers_are_the_pruned_ones_unmeasured(repo, unhealed):
+    """heal.tokens=0: the healed weights are the pruned ones, so perplexity-healed copies the pruned stage's files
+    and does not run lm-eval again (the same numbers alone would not show that: lm-eval on the same weights repeats)."""
+    run = unhealed["run"]
+    assert repo.stages_run(run) == ALWAYS | {"heal", "perplexity-healed", "release"}
+    assert "lm-eval not run" in run.stdout
+    assert repo.json("logs/perplexity_healed.timing.json")["seconds"] == 0
+    for pruned, healed in (("metrics/perplexity_pruned.json", "metrics/perplexity_healed.json"),
+                           ("results/lm_eval_pruned.json", "results/lm_eval_healed.json")):
+        assert (repo.root / healed).read_bytes() == (repo.root / pruned).read_bytes()
+    # a heal that trained is measured: the committed run's healed numbers are its own
+    assert unhealed["before"]["healed"] != repo.json("metrics/perplexity_pruned.json")
+    # and the release reports the pruned model as the one released
+    assert "healed_vs_base" not in repo.json("metrics/release.json")
+    assert "none: the weights are the pruned model's" in (repo.root / "reports/model_card.md").read_text()

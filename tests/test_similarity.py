@@ -270,9 +270,10 @@ def test_two_processes_give_the_matrix_of_one(tmp_path, num_texts):
     result = subprocess.run(
         # as dvc.yaml runs it: similarity.processes=2 makes the stage relaunch itself under torchrun
         [sys.executable, REPO / "stages/layer_similarity.py", "--params", params, "--model-info", info, "--calibration", "cal.jsonl",
-         "--distances", "distances.csv", "--metrics", "similarity.json"],
+         "--distances", "distances.csv", "--metrics", "similarity.json", "--checkpoints", "checkpoints"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # each rank removed its own sums at the end
     metrics = json.loads((tmp_path / "similarity.json").read_text())
     assert (metrics["samples"], metrics["tokens"]) == (num_texts, sum(LENGTHS[:num_texts]))
     got = Distances.from_rows(read_csv(tmp_path / "distances.csv"), num_samples=0, num_tokens=0)
