@@ -27,8 +27,8 @@ from common import (  # first: offline switches
 )
 import torch
 
-from layerprune.files import read_json, read_jsonl
-from layerprune.heal import Blocks, HealTrainer, heal_model, student_and_teacher, training_arguments, training_data
+from layerprune.files import read_json
+from layerprune.heal import HealTrainer, heal_model, student_and_teacher, training_arguments, training_data
 from layerprune.models import ModelInfo
 from layerprune.params import load_params
 from layerprune.perplexity import evaluate_perplexity
@@ -62,6 +62,11 @@ def bits_per_byte(model_dir, eval_texts: Path, e, work: Path) -> float:
                                work_dir=work)["bits_per_byte"]
 
 
+def stacked(blocks, count: int | None = None) -> torch.Tensor:
+    """The first `count` items of a heal.Blocks dataset as one (count, seq_len) tensor."""
+    return torch.stack([blocks[i]["input_ids"] for i in range(len(blocks) if count is None else count)])
+
+
 @torch.no_grad()
 def mean_loss(model_dir, blocks: torch.Tensor, batch_size: int) -> float:
     """Next-token loss per token on equal-length blocks: what the Trainer reports as eval_loss."""
@@ -72,15 +77,16 @@ def mean_loss(model_dir, blocks: torch.Tensor, batch_size: int) -> float:
     return sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
 
 
-def overhead(heal, pruned_dir: Path, base_dir: Path, dropped: list[int], train: torch.Tensor, work: Path) -> dict:
+def overhead(heal, launch, pruned_dir: Path, base_dir: Path, dropped: list[int], train, work: Path) -> dict:
     """Tokens/s of HealTrainer.train() and of a bare loop on the same trainable weights, batches and loss; the model,
     teacher and trainer set up as layerprune.heal.heal_model sets them up."""
     model, teacher, matched = student_and_teacher(heal, pruned_dir, base_dir, dropped, "cpu")
-    batches = train[: OVERHEAD_STEPS * heal.batch_size]  # both sides take the same OVERHEAD_STEPS steps
-    args = training_arguments(heal, OVERHEAD_STEPS, work / "overhead", "cpu")
+    count = OVERHEAD_STEPS * heal.batch_size  # both sides take the same OVERHEAD_STEPS steps
+    batches = stacked(train, count)
+    args = training_arguments(heal, launch, OVERHEAD_STEPS, work / "overhead", "cpu")
     args.eval_strategy, args.save_strategy, args.eval_on_start, args.disable_tqdm = "no", "no", False, True
-    trainer = HealTrainer(model=model, args=args, train_dataset=Blocks(batches), heal=heal, teacher=teacher,
-                          matched=matched)
+    trainer = HealTrainer(model=model, args=args, train_dataset=torch.utils.data.Subset(train, range(count)),
+                          heal=heal, teacher=teacher, matched=matched)
 
     def bare(_):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=heal.learning_rate,
@@ -128,16 +134,14 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench-heal-") as tmp:
         work = Path(tmp)
         stage = paths(work / "stage")  # the stage's outputs, at dvc.yaml's paths under work/stage
-        stage_seconds, stage_cpu = run_stage(pipeline, work / "stage", heal.processes)
+        stage_seconds, stage_cpu = run_stage(pipeline, work / "stage", params.heal_launch.processes)
         metrics = read_json(stage.heal_metrics)
         timing = read_json(p.heal_timing)  # the stage ran in the pipeline's folder
         base_dir = pipeline / ModelInfo.load(p.base_info).model_dir()
         dropped = Choice.load(p.choice).dropped
-        articles, held_out = read_jsonl(p.corpus), {r["id"] for r in read_jsonl(p.eval_texts)}
-
         # The control: the base model, trained with the same recipe on the layers around where the cut is.
-        heal_model(heal, pruned_dir=base_dir, base_dir=base_dir, dropped=dropped, articles=articles,
-                   held_out_ids=held_out, checkpoints=work / "control/checkpoints", log_dir=work / "control/curves",
+        heal_model(heal, params.heal_launch, pruned_dir=base_dir, base_dir=base_dir, dropped=dropped,
+                   shards=p.heal_corpus, checkpoints=work / "control/checkpoints", log_dir=work / "control/curves",
                    out_dir=work / "control/healed", device="cpu", fingerprint_inputs=[])
 
         bpb = {name: bits_per_byte(folder, p.eval_texts, params.eval, work / f"eval-{name}") for name, folder in {
@@ -145,11 +149,9 @@ def main():
             "control": work / "control/healed"}.items()}
         closed = (bpb["pruned"] - bpb["healed"]) / (bpb["pruned"] - bpb["base"])
 
-        from transformers import AutoTokenizer
-
-        # The stage's training blocks and validation slice, packed as the stage packs them
-        data = training_data(heal, AutoTokenizer.from_pretrained(p.pruned_model), articles, held_out)
-        base_val = mean_loss(base_dir, data.validation, heal.batch_size)
+        # The stage's training blocks and validation blocks, read as the stage reads them
+        data = training_data(heal, p.heal_corpus)
+        base_val = mean_loss(base_dir, stacked(data.validation), heal.batch_size)
         eval_rows = (stage.heal_curves / "plots/metrics/eval/loss.tsv").read_text().splitlines()[1:]
         tokens_per_step = metrics["tokens"] // metrics["steps"]
         losses = [(int(step) * tokens_per_step, float(loss)) for step, loss in (r.split("\t") for r in eval_rows)]
@@ -157,7 +159,7 @@ def main():
         curve = [(tokens, (pruned_val - loss) / (pruned_val - base_val)) for tokens, loss in losses]
         curve_png(curve, REPO / GAP_PLOT)
 
-        cost = overhead(heal, p.pruned_model, base_dir, dropped, data.train, work)
+        cost = overhead(heal, params.heal_launch, p.pruned_model, base_dir, dropped, data.train, work)
 
     recipe = (f"loss {heal.loss.model_dump(exclude_defaults=True)}, head_every {heal.head_every}, trainable "
               f"{heal.trainable} ({heal.cut_layers} per side), lr {heal.learning_rate:g} {heal.schedule}, "
@@ -188,7 +190,7 @@ models and texts.
 Machine: {at_start}; {load_average()} at the end.
 
 {table}
-Gap closed on the validation slice ({heal.validation_texts} articles, neither trained on nor held out; base
+Gap closed on the validation shards ({data.validation_texts} texts, neither trained on nor held out; base
 {base_val:.4f}, pruned {pruned_val:.4f} nats/token) by tokens seen: {curve_text}. Plot: {GAP_PLOT}.
 """
     write_table(REPO / "bench/results-heal.md", text)

@@ -123,6 +123,8 @@ def _heal_section(heal: dict) -> str:
 Continued training of the pruned model on text in the same language (the held-out texts excluded), with the
 transformers `Trainer`.
 
+{_heal_text(heal["corpus"]) if heal.get("corpus") else ""}
+
 | recipe | |
 |---|---|
 {rows}
@@ -131,6 +133,27 @@ transformers `Trainer`.
 |---|---|
 {results}
 """
+
+
+def _heal_text(corpus: dict) -> str:
+    """What the heal trained on (metrics/heal_corpus.json): the source, its size, what was left out, and how much of
+    the held-out text occurs in it anyway."""
+    source = corpus["source"]
+    if source["source"] == "corpus":
+        where = "the fetched corpus (the table above), minus the held-out texts"
+    else:
+        where = (f"`{source['dataset']}`, config `{source['config']}`, split `{source['split']}`, revision "
+                 f"`{source['revision']}` (resolved: `{source['resolved']}`)")
+    excluded = ", ".join(f"{count:,} {reason.replace('_', ' ')}" for reason, count in corpus["excluded"].items())
+    c = corpus["contamination"]
+    return f"""| heal text | |
+|---|---|
+| source | {where} |
+| license | {source.get("license") or "not recorded by the source"} |
+| rows read | {corpus["rows_read"]:,} (left out: {excluded or "none"}) |
+| tokens prepared for training | {corpus["train_tokens"]:,} |
+| validation (not trained on) | {corpus["validation_texts"]:,} texts, {corpus["validation_tokens"]:,} tokens |
+| contamination | {c["ngrams_found"]:,} of the held-out texts' {c["held_out_ngrams"]:,} distinct {c["ngram_tokens"]}-token sequences occur in the training text, from {c["texts_with_an_ngram_found"]} of {c["held_out_texts"]} held-out texts |"""
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

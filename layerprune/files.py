@@ -2,6 +2,7 @@
 midway never leaves a half-written file or folder for DVC to record. Numbers written to git-tracked files are
 rounded (`significant`) to what repeats across runs and machines."""
 import glob
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,14 @@ def write_json(path, data) -> None:
 def read_jsonl(path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_jsonl(path, rows) -> None:
@@ -89,6 +98,16 @@ def atomic_dir(path):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """The names, sizes and modification times of a folder's files, hashed: a change means its files changed (DVC's
+    own state cache decides the same way), without reading them."""
+    entries = sorted(
+        (str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns)
+        for path in Path(folder).rglob("*") if path.is_file() and not path.name.startswith(".")
+    )
+    return "files:" + hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def check_free_space(folder, needed: int, what: str = "the model") -> None:

@@ -1,21 +1,22 @@
 """Heal the cut: continued training of the pruned model in its language, through the transformers Trainer.
 
-What is ours and why: packing the language's articles into fixed-length blocks (held-out articles excluded),
-choosing which weights train (the layers around each cut, all layers, or LoRA through peft), a loss that can skip
-most of the 262k-token head (logit losses on every k-th position, or matching the base model's hidden state just
-above each cut, which needs no head at all), and the checkpoint fingerprint that lets a killed heal resume only when
-the params, the input files and this code are unchanged. The loop, data parallelism, checkpoints and logging are
-the Trainer's.
+What is ours and why: blocks read from the heal corpus's memory-mapped token shards (heal_corpus.py) in one seeded
+permutation, choosing which weights train (the layers around each cut, all layers, or LoRA through peft), a loss that
+can skip most of the 262k-token head (logit losses on every k-th position, or matching the base model's hidden state
+just above each cut, which needs no head at all), the checkpoint fingerprint that lets a killed heal resume only when
+the params, the input files and this code are unchanged, and the checkpoint before a warmup_stable_decay decay that a
+larger budget continues from. The loop, data parallelism, FSDP2 sharding, checkpoints and logging are the Trainer's
+(with accelerate under it).
 """
 import hashlib
 import json
 import math
-import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -24,7 +25,8 @@ from transformers.integrations import DVCLiveCallback
 from layerprune.budget import ENV_VAR, Workload, feed_forward_size, gib, memory_budget
 from layerprune.cost import Cost
 from layerprune.errors import UserError
-from layerprune.files import atomic_dir, link_or_copy, read_json, write_json
+from layerprune.files import atomic_dir, file_sha256, link_or_copy, read_json, write_json
+from layerprune.heal_corpus import TokenShards
 from layerprune.layers import decoder_layers
 from layerprune.models import load_model, num_layers as num_layers_in
 from layerprune.strategies import runs
@@ -34,40 +36,29 @@ FINGERPRINT = "fingerprint.json"
 LOGGED = ("loss", "eval_loss", "learning_rate", "grad_norm")
 
 
-# ---- text: disjoint articles, packed into blocks ----
-
-
-def pack(token_ids: list[list[int]], seq_len: int, eos_id: int | None, bos_id: int | None = None) -> torch.Tensor:
-    """(blocks, seq_len): the texts one after another, each closed by EOS, cut into full blocks (the rest dropped).
-
-    With bos_id, every block starts with BOS and holds seq_len - 1 tokens of the stream: a block that starts
-    mid-text would otherwise lack the token that models like Gemma use as their attention sink."""
-    stream = []
-    for ids in token_ids:
-        stream.extend(ids)
-        if eos_id is not None and (not ids or ids[-1] != eos_id):
-            stream.append(eos_id)
-    width = seq_len - (bos_id is not None)
-    blocks = torch.tensor(stream[: len(stream) // width * width], dtype=torch.long).view(-1, width)
-    if bos_id is not None:
-        blocks = torch.cat([torch.full((len(blocks), 1), bos_id), blocks], dim=1)
-    return blocks
-
-
-def tokenize_texts(tokenizer, articles: list[dict]) -> list[list[int]]:
-    return tokenizer([a["text"] for a in articles])["input_ids"]
+# ---- text: blocks of the heal corpus's token stream ----
 
 
 class Blocks(torch.utils.data.Dataset):
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+    """Blocks of seq_len tokens cut from a memory-mapped token stream (heal_corpus.TokenShards): block k is tokens
+    [k·w, (k+1)·w) of the stream, w = seq_len - 1 with BOS in front when the tokenizer has one (a block that starts
+    mid-text would otherwise lack the token models like Gemma use as their attention sink), else w = seq_len.
+    Item i is block order[i mod len(order)]: a seeded permutation read once per pass (heal.repeat reads it again)."""
+
+    def __init__(self, tokens: TokenShards, seq_len: int, bos: int | None, order: np.ndarray, length: int):
+        self.tokens, self.bos, self.order, self.length = tokens, bos, order, length
+        self.width = seq_len - (bos is not None)
 
     def __len__(self):
-        return len(self.blocks)
+        return self.length
 
     def __getitem__(self, index):
+        block = int(self.order[index % len(self.order)])
+        ids = torch.from_numpy(self.tokens.read(block * self.width, (block + 1) * self.width).astype(np.int64))
+        if self.bos is not None:
+            ids = torch.cat([torch.tensor([self.bos]), ids])
         # labels only tell the Trainer's evaluation that there is a loss to compute; compute_loss uses input_ids
-        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+        return {"input_ids": ids, "labels": ids}
 
 
 # ---- the budget ----
@@ -89,7 +80,7 @@ def plan_steps(heal, available_blocks: int) -> int:
     if heal.tokens and not (steps and available_blocks):
         raise UserError(f"heal: the training text packs into {available_blocks} blocks of heal.seq_len={heal.seq_len}, "
                         f"fewer than one step of heal.batch_size × heal.accumulation = {blocks_per_step}; lower "
-                        "heal.seq_len or heal.batch_size, or fetch more text (data.max_articles)")
+                        "heal.seq_len or heal.batch_size, or give the heal more text (heal_corpus)")
     return steps
 
 
@@ -158,6 +149,11 @@ class HealTrainer(Trainer):
         # steps is exact; without this it would expect a sum over tokens from a model that takes loss kwargs.
         self.model_accepts_loss_kwargs = False
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None:
+            keep_fsdp_on_cpu(self)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
         if not model.training:
@@ -187,6 +183,22 @@ class HealTrainer(Trainer):
                 error = (mine - theirs).pow(2).sum(-1) / theirs.pow(2).sum(-1).clamp(min=1e-12)
                 loss = loss + weights.hidden * error.mean() / len(self.matched)
         return (loss, outputs) if return_outputs else loss
+
+
+def keep_fsdp_on_cpu(trainer) -> None:
+    """Hand-written because accelerate (1.15) turns an FSDP plugin into distributed type FSDP only for GPU-like
+    process types: with use_cpu=True (gloo) it drops the plugin without a word and wraps the model in DDP. Put the
+    plugin back on the accelerator's state and the type on PartialState too (every later AcceleratorState() copies
+    PartialState's type over its own, which would turn it back and leave get_state_dict the shards)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or getattr(state, "fsdp_plugin", None) is not None:
+        return
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
 
 
 class NonFinite(TrainerCallback):
@@ -261,17 +273,30 @@ class CurveLog(DVCLiveCallback):
 # ---- checkpoints that belong to their inputs ----
 
 
-def fingerprint(heal, inputs: list[Path]) -> str:
-    """A hash of the heal params, the bytes of every input file (models, texts, the cut) and this module's code."""
-    digest = hashlib.sha256(json.dumps(heal.model_dump(exclude={"processes"}), sort_keys=True).encode())
+HASHES = "input-hashes.json"  # beside the checkpoints: each input's sha256 by its stat, so a resume reads no weights
+
+
+def fingerprint(heal, inputs: list[Path], hashes: Path | None = None, record: bool = True) -> str:
+    """A hash of the heal params, every input file's bytes (models, the cut, the corpus manifest, which holds each
+    shard's sha256) and this module's code. With `hashes`, a file whose size, modification time and inode are those
+    recorded there is not read again (DVC's own state cache works the same way): a 33 GB teacher is hashed once per
+    heal, not at every resume. heal_launch (processes, FSDP, checkpointing, save interval) is not in it: how a heal
+    runs does not change what it computes."""
+    known = read_json(hashes) if hashes and Path(hashes).exists() else {}
+    seen = {}
+    digest = hashlib.sha256(json.dumps(heal.model_dump(), sort_keys=True).encode())
     digest.update(Path(__file__).read_bytes())
     for root in inputs:
         for path in sorted(Path(root).rglob("*")) if Path(root).is_dir() else [Path(root)]:
             if path.is_file():
-                digest.update(path.name.encode())
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 24):
-                        digest.update(chunk)
+                stat = path.stat()
+                key, mark = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+                if known.get(key, {}).get("stat") != mark:
+                    known[key] = {"stat": mark, "sha256": file_sha256(path)}
+                seen[key] = known[key]
+                digest.update(path.name.encode() + known[key]["sha256"].encode())
+    if hashes and record:
+        write_json(hashes, seen)
     return digest.hexdigest()
 
 
@@ -283,17 +308,84 @@ def resume_point(checkpoints: Path, expected: str) -> str | None:
     stamp = checkpoints / FINGERPRINT
     if not stamp.exists() or read_json(stamp)["fingerprint"] != expected:
         for old in checkpoints.iterdir():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if old.name != HASHES:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
         write_json(stamp, {"fingerprint": expected})
         return None
     done = [d for d in checkpoints.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
     return str(max(done, key=lambda d: int(d.name.split("-")[1]))) if done else None
 
 
+# ---- extending a finished heal: warmup_stable_decay continues from the step before its decay ----
+
+
+def branch_folder(checkpoints) -> Path:
+    """Where a finished warmup_stable_decay heal keeps its checkpoint from before the decay: beside the checkpoints
+    folder (a DVC output that a finished heal empties), outside DVC, so it survives the heal and `dvc exp` switches."""
+    return Path(checkpoints).with_name(Path(checkpoints).name + "-branch")
+
+
+def branch_fingerprint(heal, steps: int, inputs, hashes: Path, record: bool) -> str:
+    """What the state before the decay depends on: every heal param but the budget (the warm-up as the steps it comes
+    to), the inputs and the code. Two heals that differ in heal.tokens alone share it."""
+    stable = heal.model_copy(update={"tokens": 0, "warmup": float(warmup_steps(heal, steps))})
+    return fingerprint(stable, inputs, hashes, record)
+
+
+def branch_point(folder: Path, expected: str, latest_step: int) -> str | None:
+    """The kept checkpoint of a heal with the same branch fingerprint, if it lies no later than this heal's own step
+    before the decay (a smaller budget cannot continue a larger one)."""
+    stamp = folder / FINGERPRINT
+    if not stamp.exists() or read_json(stamp)["fingerprint"] != expected or read_json(stamp)["step"] > latest_step:
+        return None
+    return str(folder / f"checkpoint-{read_json(stamp)['step']}")
+
+
+class KeepBranch(TrainerCallback):
+    """A checkpoint at the step before the decay, kept (hard links) in branch_folder after the heal ends."""
+
+    def __init__(self, step: int, folder: Path, stamp: str, main: bool):
+        self.step, self.folder, self.stamp, self.main = step, folder, stamp, main
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step and self.main:  # the Trainer calls this once the checkpoint is complete
+            source = Path(args.output_dir) / f"checkpoint-{self.step}"
+            with atomic_dir(self.folder) as tmp:
+                shutil.copytree(source, tmp / source.name, copy_function=link_or_copy)
+                write_json(tmp / FINGERPRINT, {"fingerprint": self.stamp, "step": self.step})
+
+
 # ---- the run ----
 
 
-def training_arguments(heal, steps: int, checkpoints: Path, device: str) -> TrainingArguments:
+def check_resumable(start: str | None, launch) -> None:
+    """A checkpoint made under FSDP resumes only under FSDP (the Trainer refuses it otherwise, in a message about
+    PyTorch FSDP); heal_launch.fsdp is not in the fingerprint, so say which setting to use."""
+    if start and not launch.fsdp and any(Path(start).glob("pytorch_model_fsdp*")):
+        raise UserError(f"{start} was made with heal_launch.fsdp: true; resume with it (any number of processes), or "
+                        f"delete {Path(start).parent} to start over")
+
+
+def warmup_steps(heal, steps: int) -> int:
+    return round(heal.warmup * steps) if heal.warmup < 1 else int(heal.warmup)
+
+
+def branch_step(heal, steps: int) -> int:
+    """warmup_stable_decay: the last step before the decay. Up to it the learning rate does not depend on the budget
+    (warm-up given in steps), so a heal of any larger budget passes through the same state there: that is where a
+    longer heal continues a finished one from. Other schedules depend on the budget from the first step: 0."""
+    if heal.schedule != "warmup_stable_decay":
+        return 0
+    return steps - max(1, round(heal.decay * steps))
+
+
+def training_arguments(heal, launch, steps: int, checkpoints: Path, device: str) -> TrainingArguments:
+    """The Trainer's arguments for the heal params (what is computed) and heal_launch (how: checkpoint interval,
+    gradient checkpointing, FSDP)."""
     cuda = device == "cuda"
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -308,7 +400,9 @@ def training_arguments(heal, steps: int, checkpoints: Path, device: str) -> Trai
         gradient_accumulation_steps=heal.accumulation,
         learning_rate=heal.learning_rate,
         lr_scheduler_type=heal.schedule,
-        warmup_steps=round(heal.warmup * steps),
+        warmup_steps=warmup_steps(heal, steps),
+        lr_scheduler_kwargs={"num_decay_steps": steps - branch_step(heal, steps)}
+        if heal.schedule == "warmup_stable_decay" else {},
         weight_decay=0.0,
         max_grad_norm=1.0,
         seed=heal.seed,
@@ -318,23 +412,46 @@ def training_arguments(heal, steps: int, checkpoints: Path, device: str) -> Trai
         eval_steps=heal.eval_every,
         eval_on_start=True,
         save_strategy="steps",
-        save_steps=heal.save_every,
+        save_steps=launch.save_every,
         save_total_limit=1,
         report_to=[],
         disable_tqdm=False,
         use_cpu=not cuda,
         bf16=cuda,
+        # under FSDP its own activation checkpointing (the two together are an error)
+        activation_checkpointing=launch.gradient_checkpointing and not launch.fsdp,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # the variant that works with frozen layers
         # ddp_backend left to accelerate: gloo on CPU, nccl on CUDA
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        **(fsdp_arguments(launch) if launch.fsdp else {}),
     )
 
 
-def save_healed(model, pruned_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
+def fsdp_arguments(launch) -> dict:
+    """FSDP2 through accelerate: one unit per decoder layer (the model's _no_split_modules), weights gathered for
+    each layer's forward and resharded after it (ZeRO-3), and checkpoints in torch distributed checkpoint format, each
+    rank writing its own shard: no rank ever holds the whole training state."""
+    return dict(fsdp=True, fsdp_config={
+        "version": 2,
+        "reshard_after_forward": True,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": "SHARDED_STATE_DICT",
+        "cpu_ram_efficient_loading": False,
+        "activation_checkpointing": launch.gradient_checkpointing,
+    })
+
+
+def save_healed(model, pruned_dir: Path, out_dir: Path, dtype: torch.dtype, state_dict: dict | None = None) -> None:
     """Weights in the pruned model's dtype, and every other file (config, tokenizer) copied from the pruned model:
-    the healed folder has the same config, and loads wherever the pruned one does."""
-    model.to(dtype).save_pretrained(out_dir)
+    the healed folder has the same config, and loads wherever the pruned one does. state_dict: the full weights
+    gathered from FSDP shards (cast here, on the gathered copies: casting the wrapped model would cast its shards)."""
+    if state_dict is None:
+        model.to(dtype).save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir, state_dict={name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                                                   for name, tensor in state_dict.items()})
     for path in Path(pruned_dir).iterdir():
         if path.is_file() and not path.name.endswith(".safetensors") and not path.name.endswith(".index.json"):
             shutil.copy2(path, out_dir / path.name)
@@ -371,10 +488,11 @@ class Result:
 
 @dataclass
 class HealData:
-    train: torch.Tensor  # (blocks, seq_len) in training order: every block one optimizer step reads
-    validation: torch.Tensor  # (blocks, seq_len), whole batches
+    train: Blocks  # in training order: every block the optimizer steps read
+    validation: Blocks  # whole batches
     steps: int
-    validation_texts: int  # articles in the validation slice (at least heal.validation_texts)
+    validation_texts: int  # texts in the validation shards
+    available_blocks: int  # training blocks in the corpus (one pass)
 
     def shortfall(self, heal) -> int:
         """Tokens of the budget left untrained because the text ran out (heal.repeat: false). A budget that is not a
@@ -383,46 +501,26 @@ class HealData:
         return heal.tokens // per_step * per_step - len(self.train) * heal.seq_len
 
 
-def stream_lengths(token_ids: list[list[int]], eos_id: int | None) -> list[int]:
-    """Tokens each text adds to pack()'s stream (its EOS included)."""
-    return [len(ids) + (eos_id is not None and (not ids or ids[-1] != eos_id)) for ids in token_ids]
-
-
-def validation_size(lengths: list[int], minimum: int, tokens_needed: int) -> int:
-    """How many texts (in order) form the validation slice: at least `minimum`, and as many more as it takes to
-    pack `tokens_needed` tokens, one batch of blocks: 16 Wikipedia articles do, 16 short news sentences do not."""
-    total = 0
-    for count, length in enumerate(lengths, start=1):
-        total += length
-        if count >= minimum and total >= tokens_needed:
-            return count
-    return len(lengths) + 1  # not enough text: the caller says so
-
-
-def training_data(heal, tokenizer, articles, held_out_ids) -> HealData:
-    """The language's articles minus the held-out ones and blank ones, shuffled by heal.seed; the first of them form
-    the validation slice (the Trainer's eval loss), the rest is packed into training blocks, in one seeded order."""
-    usable = [a for a in articles if a["id"] not in held_out_ids and a["text"].strip()]
-    random.Random(heal.seed).shuffle(usable)
-    token_ids = tokenize_texts(tokenizer, usable)
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+def training_data(heal, shards) -> HealData:
+    """The heal corpus (stage heal-corpus) as blocks: the validation shards in order, whole batches of them; the
+    training shards in one seeded permutation of their blocks, as many as heal.tokens buys. Nothing is read here:
+    the blocks are read from the memory-mapped shards when a step asks for them."""
+    train, validation = TokenShards(shards, "train"), TokenShards(shards, "validation")
+    bos = train.settings["bos"]
     width = heal.seq_len - (bos is not None)
-    count = validation_size(stream_lengths(token_ids, eos), heal.validation_texts, heal.batch_size * width)
-    if count >= len(usable):
-        raise UserError(f"heal.validation_texts={heal.validation_texts}: the {len(usable)} articles besides the "
-                        f"held-out ones cannot fill one batch of heal.batch_size={heal.batch_size} validation blocks "
-                        f"of heal.seq_len={heal.seq_len} and leave text to train on; lower heal.batch_size or "
-                        "heal.seq_len, or fetch more text")
-    validation = pack(token_ids[:count], heal.seq_len, eos, bos)
-    # whole batches only: a short last batch would be padded with repeats when split over processes
-    validation = validation[: len(validation) // heal.batch_size * heal.batch_size]
-    train = pack(token_ids[count:], heal.seq_len, eos, bos)
-    steps = plan_steps(heal, len(train))
-    # The blocks in one seeded order, repeated when heal.repeat allows: the sampler is sequential.
+    validation_blocks = len(validation) // width // heal.batch_size * heal.batch_size
+    if not validation_blocks:
+        raise UserError(f"heal: the validation shards hold {len(validation):,} tokens, less than one batch of "
+                        f"heal.batch_size={heal.batch_size} blocks of heal.seq_len={heal.seq_len}; raise "
+                        "heal_corpus.validation_tokens or lower heal.batch_size")
+    available = len(train) // width
+    steps = plan_steps(heal, available)
     needed = steps * heal.batch_size * heal.accumulation
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(heal.seed))
-    train = train[order.repeat(math.ceil(needed / len(train)))[:needed]] if needed else train[:0]
-    return HealData(train, validation, steps, count)
+    # int32 where it fits: 4 bytes a block, 4 MB for a billion tokens in blocks of 1,024
+    order = np.random.default_rng(heal.seed).permutation(available).astype(np.int32 if available < 2**31 else np.int64)
+    return HealData(Blocks(train, heal.seq_len, bos, order, needed),
+                    Blocks(validation, heal.seq_len, bos, np.arange(validation_blocks), validation_blocks),
+                    steps, validation.totals["validation_texts"], available)
 
 
 def check_budget(heal, pruned_dir, cut: list[int], batch_per_process: int) -> int:
@@ -483,16 +581,16 @@ def student_and_teacher(heal, pruned_dir, base_dir, dropped, device):
     return model, teacher, matched_states(dropped, num_layers, heal.cut_layers)
 
 
-def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, checkpoints, log_dir, out_dir,
-               device: str, fingerprint_inputs) -> Result:
+def heal_model(heal, launch, *, pruned_dir, base_dir, dropped, shards, checkpoints, log_dir, out_dir, device: str,
+               fingerprint_inputs) -> Result:
     """Train the pruned model as heal params say and write it to out_dir (rank 0); resumes from `checkpoints`."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(pruned_dir)
     context = getattr(config.get_text_config(), "max_position_embeddings", None)
     if context is not None and heal.seq_len > context:
         raise UserError(f"heal.seq_len={heal.seq_len} is above the model's context (max_position_embeddings={context})")
-    data = training_data(heal, AutoTokenizer.from_pretrained(pruned_dir), articles, held_out_ids)
+    data = training_data(heal, shards)
     steps = data.steps
     if steps == 0:
         with atomic_dir(out_dir) as tmp:  # heal.tokens = 0: the pruned model, hardlinked (no copy of the weights)
@@ -504,20 +602,24 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
             Path(empty).mkdir(parents=True)
         return Result(0, 0, 0, None, {}, 0, 0.0)
 
-    args = training_arguments(heal, steps, Path(checkpoints), device)
+    args = training_arguments(heal, launch, steps, Path(checkpoints), device)
     shortfall = data.shortfall(heal)
     if shortfall and args.process_index == 0:
-        print(f"heal: the training text packs into {len(data.train) * heal.seq_len:,} tokens, less than "
+        print(f"heal: the training text packs into {data.available_blocks * heal.seq_len:,} tokens, less than "
               f"heal.tokens={heal.tokens:,}: training one pass, {steps} steps ({shortfall:,} tokens short; "
               "heal.repeat: true reads the text again instead)", flush=True)
     if heal.batch_size % args.world_size:
         raise UserError(f"heal.batch_size={heal.batch_size} does not split over {args.world_size} processes")
-    stamp = Path(checkpoints) / FINGERPRINT
     with args.main_process_first(local=False, desc="checkpoint fingerprint"):
-        # Rank 0 hashes the inputs and clears foreign checkpoints first; the others then take what it wrote.
+        # Rank 0 hashes the inputs (recording each file's hash by its stat) and clears foreign checkpoints first; the
+        # others then find every hash in the record.
         main = args.process_index == 0
-        expected = fingerprint(heal, fingerprint_inputs) if main else read_json(stamp)["fingerprint"]
-        start = resume_point(Path(checkpoints), expected)
+        hashes = Path(checkpoints) / HASHES
+        start = resume_point(Path(checkpoints), fingerprint(heal, fingerprint_inputs, hashes, record=main))
+        branch = branch_step(heal, steps)
+        stable = branch and branch_fingerprint(heal, steps, fingerprint_inputs, hashes, record=main)
+        if start is None and branch:
+            start = branch_point(branch_folder(checkpoints), stable, branch)
     args.eval_on_start = start is None  # a resumed run has the step-0 evaluation in its history already
 
     model, teacher, matched = student_and_teacher(heal, pruned_dir, base_dir, dropped, args.device)
@@ -527,16 +629,25 @@ def heal_model(heal, *, pruned_dir, base_dir, dropped, articles, held_out_ids, c
     curve_dir = Path(checkpoints) / "dvclive"
     callbacks = [NonFinite(), EvaluateLast(), FirstStepCost(model, teacher, heal, steps, args.process_index != 0)]
     callbacks += [CurveLog(curve_dir)] if args.process_index == 0 else []
-    trainer = HealTrainer(model=model, args=args, train_dataset=Blocks(data.train), eval_dataset=Blocks(data.validation),
+    callbacks += [KeepBranch(branch, branch_folder(checkpoints), stable, main)] if branch else []
+    trainer = HealTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
                           heal=heal, teacher=teacher, matched=matched, callbacks=callbacks)
+    check_resumable(start, launch)
     output = trainer.train(resume_from_checkpoint=start)
     history = trainer.state.log_history
+    # Under FSDP every rank takes part in gathering the full weights; rank 0 receives them.
+    gathered = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if args.process_index == 0:
         final = model.merge_and_unload() if heal.trainable == "lora" else model
         with atomic_dir(out_dir) as tmp:
-            save_healed(final, pruned_dir, tmp, getattr(config, "dtype", None) or torch.float32)
+            save_healed(final, pruned_dir, tmp, getattr(config, "dtype", None) or torch.float32, gathered)
         with atomic_dir(log_dir) as tmp:
             shutil.copytree(curve_dir, tmp, dirs_exist_ok=True)
+            # DVCLive's summary keeps its keys in the order they were first logged, which differs after a resume
+            # (the replayed history comes first): sorted, a resumed heal writes the same bytes as an uninterrupted one
+            summary = tmp / "metrics.json"
+            if summary.exists():
+                summary.write_text(json.dumps(json.loads(summary.read_text()), indent=4, sort_keys=True) + "\n")
         # Checkpoints exist for a heal to resume from; a finished heal leaves the folder empty, so that the persistent
         # DVC output is the same after every finished heal and switching experiments does not make `heal` look changed.
         for entry in Path(checkpoints).iterdir():

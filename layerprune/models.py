@@ -1,6 +1,4 @@
 """The one loader for models: bundled GGUF files exported to safetensors, hub ids, and local directories."""
-import hashlib
-import json
 import os
 import re
 import sys
@@ -12,7 +10,7 @@ from pathlib import Path
 from layerprune.budget import ENV_VAR, Workload, gib, memory_budget, plan, return_freed_memory
 from layerprune.bundled import BUNDLED_MODELS, gguf_file
 from layerprune.errors import UserError
-from layerprune.files import read_json, write_json
+from layerprune.files import folder_fingerprint, read_json, write_json
 from layerprune.layers import decoder_layers
 
 # What we fetch of a hub model: config, safetensors weights, tokenizer and the card (for its license); no .bin
@@ -77,14 +75,6 @@ def check_model_folder(folder) -> Path:
         raise UserError(f"model.id={str(folder)!r}: no *.safetensors weights in the folder (mergekit reads only those;"
                         " convert .bin weights with save_pretrained)")
     return folder
-
-
-def folder_fingerprint(folder: Path) -> str:
-    entries = sorted(
-        (str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns)
-        for path in folder.rglob("*") if path.is_file() and not path.name.startswith(".")
-    )
-    return "files:" + hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def card_license(model_dir, fallback: str | None) -> dict:

@@ -129,6 +129,35 @@ class HealLoss(Section):
         return self
 
 
+class HealCorpusParams(Section):
+    """The heal's own text (stage heal-corpus), apart from the texts calibration and evaluation are drawn from."""
+
+    source: Literal["corpus", "hub"] = Field("corpus", description="corpus: the fetched articles minus the held-out "
+                                             "ones; hub: a dataset (or a local folder in its layout), streamed")
+    dataset: str = Field("wikimedia/wikipedia", description="hub only: dataset id or local folder")
+    config: Optional[str] = Field(None, description="hub only: the dataset's config; null means <data.snapshot>.<lang>")
+    revision: DigitsOrText = Field("main", description="hub only: branch, tag or commit; the resolved commit is recorded")
+    split: str = "train"
+    text_column: str = "text"
+    id_column: str = Field("id", description="held-out texts are excluded by this id and by a hash of their text")
+    tokens: Optional[int] = Field(None, gt=0, description="training tokens to prepare; null: all of the source")
+    validation_texts: int = Field(16, gt=0, description="texts at the start of the stream for the validation loss")
+    validation_tokens: int = Field(1024, gt=0, description="and at least this many tokens of them")
+    shard_tokens: int = Field(1 << 24, gt=0, description="tokens per shard file")
+    seed: int = Field(0, description="the order of the source's files (corpus: of its rows)")
+
+
+class HealLaunchParams(Section):
+    """How the heal runs, not what it computes: none of these is a DVC param of the stage or enters the checkpoint
+    fingerprint, so changing them keeps a finished heal and resumes an unfinished one."""
+
+    processes: int = Field(1, gt=0, description="processes on this machine (the stage relaunches itself under torchrun)")
+    fsdp: bool = Field(False, description="shard weights, gradients and optimizer state over the processes (FSDP2)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% "
+                                         "more compute")
+    save_every: int = Field(8, gt=0, description="optimizer steps between checkpoints")
+
+
 class HealParams(Section):
     tokens: int = Field(ge=0, description="training budget in tokens; 0 skips training (healed = pruned)")
     repeat: bool = Field(False, description="a budget beyond the text: read it again (true) or train one pass and "
@@ -137,8 +166,10 @@ class HealParams(Section):
     batch_size: int = Field(gt=0, description="blocks per optimizer step over all processes (before accumulation)")
     accumulation: int = Field(1, gt=0)
     learning_rate: float = Field(gt=0)
-    schedule: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "cosine"
-    warmup: float = Field(0.0, ge=0, lt=1, description="fraction of the steps")
+    schedule: Literal["constant", "linear", "cosine", "constant_with_warmup", "warmup_stable_decay"] = "cosine"
+    warmup: float = Field(0.0, ge=0, description="a fraction of the steps (below 1) or a number of steps")
+    decay: float = Field(0.2, gt=0, lt=1, description="warmup_stable_decay: the fraction of the steps that decays; a "
+                         "larger heal.tokens continues from the step before the decay")
     seed: int = 0
     loss: HealLoss
     head_every: int = Field(1, gt=0, description="lm and kl use every k-th position (the head is most of a step)")
@@ -146,11 +177,7 @@ class HealParams(Section):
     cut_layers: int = Field(2, gt=0, description="cut and lora: layers trained on either side of each cut")
     lora_rank: Optional[int] = Field(None, gt=0)
     lora_alpha: Optional[float] = Field(None, gt=0)
-    validation_texts: int = Field(gt=0, description="articles for the validation loss, more if they fill less than one "
-                                  "batch of blocks: neither trained on nor held out")
     eval_every: int = Field(gt=0, description="steps between validation losses")
-    save_every: int = Field(gt=0, description="steps between checkpoints")
-    processes: int = Field(1, gt=0, description="data-parallel processes (the stage relaunches itself under torchrun)")
 
     @model_validator(mode="after")
     def _lora_options(self):
@@ -188,7 +215,9 @@ class Params(Section):
     slice: SliceParams
     eval: EvalParams
     frontier: FrontierParams
+    heal_corpus: HealCorpusParams
     heal: HealParams
+    heal_launch: HealLaunchParams
 
     @field_validator("lang", mode="before")
     @classmethod
@@ -198,6 +227,13 @@ class Params(Section):
         if not isinstance(value, str) or not value.isascii() or not value.replace("-", "").isalpha():
             raise ValueError(f"must be a language code like es or de, got {value!r}")
         return value.lower()
+
+    @model_validator(mode="after")
+    def _fsdp_without_lora(self):
+        if self.heal_launch.fsdp and self.heal.trainable == "lora":
+            raise ValueError("heal_launch.fsdp with heal.trainable: lora is not supported (the adapters are merged on "
+                             "one process); LoRA's few trainable weights need no sharding: set heal_launch.fsdp: false")
+        return self
 
     @model_validator(mode="after")
     def _bundled_lang(self):

@@ -11,10 +11,11 @@ from layerprune.params import Params, load_params
 
 
 def run_stage(main, *path_args: str, optional: tuple[str, ...] = (), description: str = "",
-              processes=None) -> None:
+              processes=None, distributed=None) -> None:
     """Parse `--name PATH` arguments (dvc.yaml passes every path, so scripts never repeat them),
     load and validate params.yaml, then call main(params, **paths); `optional` paths may be left out (None).
-    `processes(params)`, where given, is how many processes the stage runs as (see launch).
+    `processes(params)`, where given, is how many processes the stage runs as (see launch); `distributed(params)`
+    true runs it under torchrun even as one process.
 
     A UserError is printed as one line and exits 2; LAYERPRUNE_DEBUG=1 shows the traceback instead.
     """
@@ -26,7 +27,7 @@ def run_stage(main, *path_args: str, optional: tuple[str, ...] = (), description
     try:
         params: Params = load_params(args.pop("params"))
         if processes is not None:
-            launch(processes(params))
+            launch(processes(params), always=bool(distributed and distributed(params)))
         main(params, **args)
     except UserError as err:
         if os.environ.get("LAYERPRUNE_DEBUG"):
@@ -35,11 +36,12 @@ def run_stage(main, *path_args: str, optional: tuple[str, ...] = (), description
         sys.exit(2)
 
 
-def launch(count: int) -> None:
+def launch(count: int, always: bool = False) -> None:
     """Run this stage script as `count` processes under torchrun (torch.distributed.run), unless it is one of them
-    already. One process is a plain run: no launcher start-up, and an error stays one line. A multi-node run starts
-    the script with torchrun itself (docs/scale.md), which sets LOCAL_RANK, so nothing is launched twice."""
-    if count > 1 and "LOCAL_RANK" not in os.environ:
+    already. One process is a plain run (no launcher start-up, and an error stays one line) unless `always`: FSDP runs
+    only under a launcher. A multi-node run starts the script with torchrun itself (docs/heal-at-scale.md), which sets
+    LOCAL_RANK, so nothing is launched twice."""
+    if (count > 1 or always) and "LOCAL_RANK" not in os.environ:
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc_per_node={count}", *sys.argv])

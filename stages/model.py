@@ -1,6 +1,7 @@
-"""Stage `model`: make the base model a local directory that mergekit and lm-eval read like any hub model."""
+"""Stage `model`: make the base model a local directory that mergekit and lm-eval read like any hub model, and its
+tokenizer a folder of its own (what heal-corpus depends on: a new cut or new weights do not redo the heal corpus)."""
 
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from layerprune.files import atomic_dir, atomic_write_text, read_json
 from layerprune.models import describe, export_bundled, resolve_hub_model
@@ -8,7 +9,7 @@ from layerprune.slicing import check_sliceable
 from layerprune.stage import run_stage
 
 
-def main(params, source, model_dir, info):
+def main(params, source, model_dir, info, tokenizer_dir):
     source = read_json(source)
     if source["kind"] == "bundled":
         with atomic_dir(model_dir) as tmp:
@@ -25,8 +26,10 @@ def main(params, source, model_dir, info):
     model_info = describe(source, local_dir=local_dir, model_dir=read_from, license=params.model.license)
     # Fail here, not after the similarity pass, if mergekit cannot slice this architecture
     check_sliceable(AutoConfig.from_pretrained(read_from))
+    with atomic_dir(tokenizer_dir) as tmp:
+        AutoTokenizer.from_pretrained(read_from).save_pretrained(tmp)
     model_info.save(info)
 
 
 if __name__ == "__main__":
-    run_stage(main, "source", "model_dir", "info", description=__doc__)
+    run_stage(main, "source", "model_dir", "info", "tokenizer_dir", description=__doc__)

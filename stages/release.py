@@ -14,12 +14,14 @@ from layerprune.strategies import Choice
 
 
 def main(params, model_info, weights, merge_config, choice, corpus_metrics, sample_metrics, perplexity_base,
-         perplexity_pruned, perplexity_healed, heal_metrics, heatmap, release_dir, card, plot, metrics):
+         perplexity_pruned, perplexity_healed, heal_metrics, heal_corpus_metrics, heatmap, release_dir, card, plot,
+         metrics):
     perplexity = {"base": read_json(perplexity_base), "pruned": read_json(perplexity_pruned)}
     heal = None
     if read_json(heal_metrics)["tokens"]:  # heal.tokens: 0 leaves the pruned model
         perplexity["healed"] = read_json(perplexity_healed)
-        heal = {"params": params.heal.model_dump(), "metrics": read_json(heal_metrics)}
+        heal = {"params": params.heal.model_dump(), "metrics": read_json(heal_metrics),
+                "corpus": read_json(heal_corpus_metrics)}
     images = {"similarity_heatmap.png": "Layer similarity: the distance of every block of layers; red: the cut"}
     merge_yaml = Path(merge_config).read_text()
     text = render_card(lang=params.lang, info=ModelInfo.load(model_info), choice=Choice.load(choice),
@@ -51,5 +53,6 @@ def compare(perplexity: dict[str, dict]) -> dict:
 
 if __name__ == "__main__":
     run_stage(main, "model_info", "weights", "merge_config", "choice", "corpus_metrics", "sample_metrics",
-              "perplexity_base", "perplexity_pruned", "perplexity_healed", "heal_metrics", "heatmap", "release_dir",
+              "perplexity_base", "perplexity_pruned", "perplexity_healed", "heal_metrics", "heal_corpus_metrics",
+              "heatmap", "release_dir",
               "card", "plot", "metrics", description=__doc__)

@@ -21,8 +21,10 @@ SMALL = {
     "similarity": {"max_length": 32, "batch_size": 4},
     "prune": {"search_texts": 2},
     "frontier": {"layers": [1]},
-    # validation_texts: 8 of eld's short German sentences fill the 2 blocks of 64 tokens that one batch needs
-    "heal": {"tokens": 512, "seq_len": 64, "batch_size": 2, "validation_texts": 8, "eval_every": 2, "save_every": 2},
+    # 8 validation texts of at least 128 tokens: one batch of 2 blocks of 64
+    "heal_corpus": {"validation_texts": 8, "validation_tokens": 128},
+    "heal": {"tokens": 512, "seq_len": 64, "batch_size": 2, "eval_every": 2},
+    "heal_launch": {"save_every": 2},
     "eval": {"max_length": 64, "batch_size": 2},
 }
 

@@ -1,4 +1,5 @@
 """The benchmark harness runs end to end (smoke mode: tiny random Llama, no DVC part) and writes its table."""
+import json
 import math
 import subprocess
 import sys
@@ -52,3 +53,20 @@ def test_the_benchmarks_page_has_one_table_for_update_docs():
     text = (REPO / DOCS_PAGE).read_text()
     updated = replace_block(text, "new table\n")
     assert "new table\n" in updated and "| measurement | ratio |" not in updated
+
+
+def test_heal_scale_smoke_run_writes_its_table(tmp_path):
+    """bench/heal_scale.py end to end at small sizes: corpora, a killed and restarted heal, DDP against FSDP."""
+    out = tmp_path / "heal-scale.md"
+    result = subprocess.run([sys.executable, str(REPO / "bench/heal_scale.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [
+        "heal-corpus peak anonymous memory, 0.04M − 0.02M tokens",
+        "heal restart + 2 steps, peak anonymous memory, 0.04M − 0.02M tokens",
+        "heal restart to first step, 0.04M ÷ 0.02M tokens", "heal-corpus tokens/s per core",
+        "FSDP ÷ DDP tokens/s, 2 CPU processes, trainable all", "FSDP ÷ DDP peak anonymous memory per process"]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["small"]["resumed_from"] == data["large"]["resumed_from"] == 2  # killed after checkpoint 2
+    assert data["parallel"]["fsdp"]["tokens_per_second"] > 0 and data["parallel"]["ddp"]["peak"] > 0

@@ -233,7 +233,7 @@ def test_architecture_mergekit_cannot_slice_stops_the_model_stage(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "source.json").read_text())["kind"] == "local"
     result = stage("model.py", params, "--source", "source.json", "--model-dir", "base", "--info", "base.json",
-                   cwd=tmp_path)
+                   "--tokenizer-dir", "tokenizer", cwd=tmp_path)
     assert_one_line_error(result, "has no architecture definition for OPTForCausalLM; cannot slice it")
     assert not (tmp_path / "base.json").exists()
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -17,11 +18,10 @@ from layerprune.tiny_models import VOCAB, tiny_llama
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from layerprune.errors import UserError
-from layerprune.heal import (
-    HealTrainer, cut_layers, heal_model, matched_states, pack, plan_steps, training_data, validation_size,
-)
+from layerprune.heal import HealTrainer, cut_layers, heal_model, matched_states, plan_steps, training_data
+from layerprune.heal_corpus import HeldOut, corpus_rows, prepare
 from layerprune.models import ModelInfo
-from layerprune.params import HealParams, parse_params
+from layerprune.params import HealCorpusParams, HealLaunchParams, HealParams, parse_params
 from layerprune.strategies import Choice
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,10 +33,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def heal_params(**changes) -> HealParams:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())["heal"]
-    raw.update(tokens=4 * 16 * 12, seq_len=16, batch_size=4, learning_rate=1e-3, validation_texts=4, eval_every=5,
-               save_every=3, loss={"lm": 1.0}, head_every=1, trainable="cut", warmup=0.0)
+    raw.update(tokens=4 * 16 * 12, seq_len=16, batch_size=4, learning_rate=1e-3, eval_every=5, loss={"lm": 1.0},
+               head_every=1, trainable="cut", warmup=0.0)
     raw.update(changes)
     return HealParams.model_validate(raw)
+
+
+def launch_params(**changes) -> HealLaunchParams:
+    return HealLaunchParams.model_validate({"save_every": 3, **changes})
+
+
+def prepare_shards(corpus: Path, eval_texts: Path, tokenizer_dir: Path, out: Path, **changes) -> Path:
+    """The heal-corpus stage's work: the corpus minus the held-out texts as token shards (4 validation texts)."""
+    source = HealCorpusParams.model_validate({"validation_texts": 4, "validation_tokens": 64, **changes})
+    prepare(source, lambda state: corpus_rows(corpus, source.seed, state), tokenizer_dir=tokenizer_dir,
+            held_out=HeldOut.read(eval_texts, 2000), out_dir=out, source_id={"source": "corpus"}, progress=False)
+    return out
 
 
 # ---- a tiny base, its pruned copy, a word-level tokenizer and a corpus ----
@@ -74,6 +86,7 @@ def work(tmp_path_factory):
     articles = [{"id": f"a{i}", "title": "", "text": words()} for i in range(120)]
     write_jsonl(root / "corpus.jsonl", articles)
     write_jsonl(root / "eval.jsonl", articles[:10])
+    prepare_shards(root / "corpus.jsonl", root / "eval.jsonl", root / "pruned", root / "shards")
     Choice(strategy="similarity", metric="angular_last", n=2, dropped=DROPPED, dropped_layers="3..4", start=3,
            distance=0.1, score_name="angular_last distance", score=0.1, kept_ranges="[0,3] + [5,8]", layers_before=8,
            layers_kept=6, parameters_before=0, parameters_after=0).save(root / "choice.json")
@@ -86,25 +99,23 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run_heal(work, out, heal, **kwargs):
-    from layerprune.files import read_jsonl
-
-    return heal_model(heal, pruned_dir=work / "pruned", base_dir=work / "base", dropped=DROPPED,
-                      articles=read_jsonl(work / "corpus.jsonl"), held_out_ids={f"a{i}" for i in range(10)},
-                      checkpoints=out / "checkpoints", log_dir=out / "curves", out_dir=out / "healed", device="cpu",
-                      fingerprint_inputs=[work / "pruned"], **kwargs)
+def run_heal(work, out, heal, launch=None, **kwargs):
+    return heal_model(heal, launch or launch_params(), pruned_dir=work / "pruned", base_dir=work / "base",
+                      dropped=DROPPED, shards=work / "shards", checkpoints=out / "checkpoints", log_dir=out / "curves",
+                      out_dir=out / "healed", device="cpu", fingerprint_inputs=[work / "pruned"], **kwargs)
 
 
-def stage_command(work, out, heal_changes, processes=1):
+def stage_command(work, out, heal_changes, processes=1, **launch_changes):
     """The heal stage under torchrun, on the tiny models, with a params.yaml of its own; run it with cwd=out (its
     timings go to logs/ under the working folder)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["heal"] = heal_params(**heal_changes, processes=processes).model_dump()
+    params["heal"] = heal_params(**heal_changes).model_dump()
+    params["heal_launch"] = launch_params(processes=processes, **launch_changes).model_dump()
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params))
     paths = dict(model_info=work / "base.json", pruned_dir=work / "pruned", choice=work / "choice.json",
-                 corpus=work / "corpus.jsonl", eval_texts=work / "eval.jsonl", checkpoints=out / "checkpoints",
-                 curves=out / "curves", healed_dir=out / "healed", metrics=out / "heal.json")
+                 shards=work / "shards", checkpoints=out / "checkpoints", curves=out / "curves",
+                 healed_dir=out / "healed", metrics=out / "heal.json")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
             str(REPO / "stages/heal.py"), "--params", str(out / "params.yaml"),
             *[arg for name, path in paths.items() for arg in (f"--{name.replace('_', '-')}", str(path))]]
@@ -142,58 +153,65 @@ def test_matched_states(dropped, layers, per_side, expected):
     assert matched_states(dropped, layers, per_side) == expected
 
 
-def test_pack_closes_texts_with_eos_and_drops_the_rest():
-    blocks = pack([[5, 6, 7], [8, 9], [10, 1]], seq_len=3, eos_id=1)
-    assert blocks.tolist() == [[5, 6, 7], [1, 8, 9], [1, 10, 1]]
-    assert pack([[5, 6, 7, 8]], seq_len=3, eos_id=None).tolist() == [[5, 6, 7]]
-    # with BOS every block starts with it, followed by seq_len - 1 tokens of the stream
-    assert pack([[5, 6, 7], [8, 9]], seq_len=3, eos_id=1, bos_id=0).tolist() == [[0, 5, 6], [0, 7, 1], [0, 8, 9]]
+def numbered_shards(tmp_path, texts: int, length: int, **changes) -> Path:
+    """Shards of `texts` texts of `length` - 1 tokens each, text i all token i + 2, each closed by EOS (1)."""
+    rows = [{"id": i, "text": " ".join([f"w{i + 2}"] * (length - 1))} for i in range(texts)]
+    write_jsonl(tmp_path / "corpus.jsonl", rows)
+    write_jsonl(tmp_path / "eval.jsonl", [{"id": "none", "text": "w1"}])
+    save_tokenizer(tmp_path / "tokenizer")
+    return prepare_shards(tmp_path / "corpus.jsonl", tmp_path / "eval.jsonl", tmp_path / "tokenizer",
+                          tmp_path / "shards", **changes)
 
 
-def test_training_and_validation_text_leave_out_the_held_out_articles():
-    # 50 articles of 7 tokens and EOS, article i all token i + 2; seq_len 16 and batch 4 need 64 tokens: 8 articles
-    articles = [{"id": i, "text": " ".join([f"w{i + 2}"] * 7)} for i in range(50)] + [{"id": 50, "text": "  "}]
-    heal = heal_params(tokens=16 * 4, validation_texts=5)
-    data = training_data(heal, number_tokenizer(), articles, held_out_ids={3, 7, 11})
-    assert data.validation_texts == 8  # 5 asked for, 8 needed to fill one batch of validation blocks
-    assert data.validation.shape == (4, 16)
-    articles_in = lambda blocks: {int(t) - 2 for t in blocks.flatten()} - {-1}  # noqa: E731 (EOS is 1)
-    in_validation, in_training = articles_in(data.validation), articles_in(data.train)
-    assert len(in_validation) == 8 and not in_validation & {3, 7, 11}
-    assert data.steps == 1 and len(data.train) == 4 and not in_training & {3, 7, 11}
-    assert torch.equal(training_data(heal, number_tokenizer(), articles, {3, 7, 11}).train, data.train)  # seeded
-    with pytest.raises(UserError, match="heal.validation_texts=47: the 47 articles besides the held-out ones"):
-        training_data(heal_params(validation_texts=47), number_tokenizer(), articles, {3, 7, 11})
-    with pytest.raises(UserError, match="the 8 articles .* cannot fill one batch of heal.batch_size=4 validation"):
-        training_data(heal, number_tokenizer(), articles[:8], set())  # all 8 for validation, none left to train
-    with pytest.raises(UserError, match="the training text packs into 1 blocks"):
-        training_data(heal, number_tokenizer(), articles[:10], set())  # 2 articles left: 16 tokens, one block
+def test_blocks_are_slices_of_the_stream_across_shards_with_bos_in_front(tmp_path):
+    from layerprune.heal import Blocks
+    from layerprune.heal_corpus import TokenShards
+
+    shards = numbered_shards(tmp_path, texts=20, length=5, shard_tokens=7, validation_texts=2, validation_tokens=1)
+    tokens = TokenShards(shards, "train")
+    validation = TokenShards(shards, "validation")
+    stream = [token for article in range(20) for token in [article + 2] * 4 + [1]]
+    assert len(validation) == 10  # 2 texts of 5 tokens
+    assert sorted(tokens.read(0, len(tokens)).tolist() + validation.read(0, 10).tolist()) == sorted(stream)
+    ordered = tokens.read(0, len(tokens)).tolist()
+    blocks = Blocks(tokens, seq_len=4, bos=0, order=np.array([0, 4, 2]), length=5)
+    assert [blocks[i]["input_ids"].tolist() for i in range(5)] == [
+        [0] + ordered[0:3], [0] + ordered[12:15], [0] + ordered[6:9], [0] + ordered[0:3], [0] + ordered[12:15]]
+    assert len(tokens.maps) == 13  # 90 tokens in shards of 7: block [6, 9) and [12, 15) cross shard ends
+    assert Blocks(tokens, seq_len=4, bos=None, order=np.array([1]), length=1)[0]["input_ids"].tolist() == ordered[4:8]
 
 
-def test_the_shortfall_is_what_the_text_lacked_not_the_rounding_to_whole_steps():
-    # 50 articles of 7 tokens and EOS: 8 for validation, 42 × 8 = 336 tokens of training text, 21 blocks of 16
-    articles = [{"id": i, "text": " ".join([f"w{i + 2}"] * 7)} for i in range(50)]
-    ample = training_data(heal_params(tokens=64 * 3 + 10), number_tokenizer(), articles, set())
+def test_training_data_is_one_seeded_permutation_of_the_blocks_and_whole_validation_batches(tmp_path):
+    # 50 texts of 8 tokens (7 + EOS); 8 for validation (64 tokens: 4 blocks of 16), 42 × 8 = 336 for training
+    shards = numbered_shards(tmp_path, texts=50, length=8, validation_texts=5, validation_tokens=64)
+    heal = heal_params(tokens=16 * 4 * 5)
+    data = training_data(heal, shards)
+    assert data.validation_texts == 8 and len(data.validation) == 4  # 5 asked for, 8 to reach 64 tokens
+    assert data.available_blocks == 21 and data.steps == 5 and len(data.train) == 20
+    picked = [int(data.train.order[i]) for i in range(21)]
+    assert sorted(picked) == list(range(21)) and picked != list(range(21))  # every block once, shuffled
+    again = training_data(heal, shards)
+    assert [again.train[i]["input_ids"].tolist() for i in range(20)] == \
+        [data.train[i]["input_ids"].tolist() for i in range(20)]
+    other = training_data(heal_params(tokens=16 * 4 * 5, seed=1), shards)
+    assert [int(other.train.order[i]) for i in range(21)] != picked
+    with pytest.raises(UserError, match="the validation shards hold 64 tokens, less than one batch of "
+                                        "heal.batch_size=5 blocks of heal.seq_len=16") as err:
+        training_data(heal_params(batch_size=5), shards)
+    assert "\n" not in str(err.value)
+
+
+def test_the_shortfall_is_what_the_text_lacked_not_the_rounding_to_whole_steps(tmp_path):
+    # 50 texts of 8 tokens: 8 for validation, 42 × 8 = 336 tokens of training text, 21 blocks of 16
+    shards = numbered_shards(tmp_path, texts=50, length=8, validation_texts=5, validation_tokens=64)
+    ample = training_data(heal_params(tokens=64 * 3 + 10), shards)
     assert (ample.steps, ample.shortfall(heal_params(tokens=64 * 3 + 10))) == (3, 0)  # 202 tokens: 3 whole steps
     heal = heal_params(tokens=64 * 8 + 10)  # 8 steps wanted, the text packs into 21 blocks: 5 steps of 4
-    short = training_data(heal, number_tokenizer(), articles, set())
+    short = training_data(heal, shards)
     assert (short.steps, len(short.train), short.shortfall(heal)) == (5, 20, 3 * 64)
-    repeated = training_data(heal_params(tokens=64 * 8 + 10, repeat=True), number_tokenizer(), articles, set())
-    assert (repeated.steps, repeated.shortfall(heal)) == (8, 0)
-
-
-def test_the_validation_slice_is_whole_batches():
-    # validation_texts=48 articles of 8 tokens pack into 24 blocks of 16; batch 5 keeps 20: 4 whole batches
-    articles = [{"id": i, "text": " ".join([f"w{i + 2}"] * 7)} for i in range(100)]
-    data = training_data(heal_params(validation_texts=48, batch_size=5, tokens=16 * 5), number_tokenizer(),
-                         articles, set())
-    assert data.validation_texts == 48 and data.validation.shape == (20, 16)
-
-
-def test_validation_size_takes_more_texts_only_when_they_do_not_fill_a_batch():
-    assert validation_size([100] * 30, minimum=16, tokens_needed=1020) == 16  # long articles: what was asked
-    assert validation_size([30] * 60, minimum=16, tokens_needed=1020) == 34  # 34 × 30 = 1020
-    assert validation_size([30] * 20, minimum=16, tokens_needed=1020) == 21  # not enough text: more than there is
+    repeated = training_data(heal_params(tokens=64 * 8 + 10, repeat=True), shards)
+    assert (repeated.steps, len(repeated.train), repeated.shortfall(heal)) == (8, 32, 0)
+    assert repeated.train[21]["input_ids"].tolist() == repeated.train[0]["input_ids"].tolist()  # the second pass
 
 
 def test_budget_beyond_the_text_trains_one_pass_unless_repeat():
@@ -207,7 +225,7 @@ def test_budget_beyond_the_text_trains_one_pass_unless_repeat():
         plan_steps(heal, available_blocks=3)
     assert str(err.value) == ("heal: the training text packs into 3 blocks of heal.seq_len=16, fewer than one step "
                               "of heal.batch_size × heal.accumulation = 4; lower heal.seq_len or heal.batch_size, "
-                              "or fetch more text (data.max_articles)")
+                              "or give the heal more text (heal_corpus)")
     with pytest.raises(UserError, match="packs into 0 blocks"):
         plan_steps(heal_params(tokens=640, repeat=True), available_blocks=0)
     assert plan_steps(heal_params(tokens=0), available_blocks=0) == 0  # nothing to train: no error
@@ -319,49 +337,155 @@ def test_sequence_longer_than_the_context(work, tmp_path):
 # ---- the stage under torchrun: resume after SIGKILL, fresh start on change, two processes ----
 
 
-def test_killed_heal_resumes_to_the_same_result(work, tmp_path):
-    changes = dict(tokens=4 * 16 * 60, save_every=10, eval_every=20)
-    whole = tmp_path / "whole"
-    subprocess.run(stage_command(work, whole, changes), env=stage_env(), cwd=whole, check=True, capture_output=True)
+KILLED = dict(tokens=4 * 16 * 60, eval_every=20)
 
-    cut = tmp_path / "cut"
-    process = subprocess.Popen(stage_command(work, cut, changes), env=stage_env(), cwd=cut, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+
+@pytest.fixture(scope="module")
+def straight(work, tmp_path_factory):
+    """The heal of KILLED run uninterrupted, one process, checkpoints every 10 steps."""
+    out = tmp_path_factory.mktemp("straight")
+    subprocess.run(stage_command(work, out, KILLED, save_every=10), env=stage_env(), cwd=out, check=True,
+                   capture_output=True)
+    return out
+
+
+def kill_after_checkpoint(command, out: Path, step: int) -> None:
+    process = subprocess.Popen(command, env=stage_env(), cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (cut / "checkpoints/checkpoint-20/trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "the heal ended before its second checkpoint"
+    while not (out / f"checkpoints/checkpoint-{step}/trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, f"the heal ended before checkpoint {step}"
         time.sleep(0.05)
     launcher = psutil.Process(process.pid)
-    for proc in [*launcher.children(recursive=True), launcher]:  # the training worker first, then torchrun
+    for proc in [*launcher.children(recursive=True), launcher]:  # the training workers first, then torchrun
         proc.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (cut / "heal.json").exists()
+    assert not (out / "heal.json").exists()
 
-    subprocess.run(stage_command(work, cut, changes), env=stage_env(), cwd=cut, check=True, capture_output=True)
+
+def assert_same_heal(resumed: Path, straight: Path) -> None:
+    """Same steps; the losses within 1e-5 (CPU float reductions may round differently after a reload); the curves'
+    summary and the healed config byte for byte."""
+    a, b = (json.loads((d / "heal.json").read_text()) for d in (resumed, straight))
+    assert a["steps"] == b["steps"] == 60
+    assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+    for metric in ("train/loss", "eval/loss"):
+        mine, theirs = logged(resumed, metric), logged(straight, metric)
+        assert [s for s, _ in mine] == [s for s, _ in theirs]
+        assert [v for _, v in mine] == pytest.approx([v for _, v in theirs], abs=1e-5)
+    summary = lambda d: json.loads((d / "curves/metrics.json").read_text())  # noqa: E731
+    assert list(summary(resumed)) == list(summary(straight))  # the same keys in the same order
+    assert summary(resumed)["step"] == summary(straight)["step"]
+
+
+def test_killed_heal_resumes_to_the_same_result(work, straight, tmp_path):
+    cut = tmp_path / "cut"
+    kill_after_checkpoint(stage_command(work, cut, KILLED, save_every=10), cut, 20)
+    subprocess.run(stage_command(work, cut, KILLED, save_every=10), env=stage_env(), cwd=cut, check=True,
+                   capture_output=True)
     resumed_from = json.loads((cut / "logs/heal.timing.json").read_text())["resumed_from_step"]
     assert 20 <= resumed_from < 60
-    # Same steps; the loss within 1e-5 (CPU float reductions may round differently after a reload)
-    whole_metrics, cut_metrics = (json.loads((d / "heal.json").read_text()) for d in (whole, cut))
-    assert cut_metrics["steps"] == whole_metrics["steps"] == 60
-    assert cut_metrics["train_loss"] == pytest.approx(whole_metrics["train_loss"], abs=1e-5)
-    for metric in ("train/loss", "eval/loss"):
-        resumed, straight = logged(cut, metric), logged(whole, metric)
-        assert [s for s, _ in resumed] == [s for s, _ in straight]
-        assert [v for _, v in resumed] == pytest.approx([v for _, v in straight], abs=1e-5)
+    assert_same_heal(cut, straight)
 
     # A changed param makes the checkpoints someone else's: the next run starts from step 0.
-    subprocess.run(stage_command(work, cut, {**changes, "learning_rate": 2e-3}), env=stage_env(), cwd=cut, check=True,
+    subprocess.run(stage_command(work, cut, {**KILLED, "learning_rate": 2e-3}), env=stage_env(), cwd=cut, check=True,
                    capture_output=True)
     assert json.loads((cut / "logs/heal.timing.json").read_text())["resumed_from_step"] == 0
 
 
-def test_two_processes_follow_the_one_process_curve(work, tmp_path):
-    changes = dict(tokens=4 * 16 * 8, save_every=100, eval_every=4)
-    for processes in (1, 2):
-        result = subprocess.run(stage_command(work, tmp_path / str(processes), changes, processes), env=stage_env(),
-                                cwd=tmp_path / str(processes), capture_output=True, text=True)
+def test_a_checkpoint_of_two_processes_resumes_with_one_and_another_save_interval(work, straight, tmp_path):
+    """heal_launch is how a heal runs, not what it computes: its checkpoints outlive a change of it."""
+    cut = tmp_path / "cut"
+    kill_after_checkpoint(stage_command(work, cut, KILLED, processes=2, save_every=10), cut, 20)
+    subprocess.run(stage_command(work, cut, KILLED, processes=1, save_every=7), env=stage_env(), cwd=cut, check=True,
+                   capture_output=True)
+    assert json.loads((cut / "logs/heal.timing.json").read_text())["resumed_from_step"] >= 20
+    assert_same_heal(cut, straight)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_nodes(command: list[str]) -> list[str]:
+    """The stage command as one of two torchrun agents of one process each, meeting on loopback (c10d)."""
+    script = command.index(str(REPO / "stages/heal.py"))
+    return [*command[:3], "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{PORT}", "--rdzv-id", "heal-test", *command[script:]]
+
+
+PORT = free_port()
+
+
+def test_parallel_heals_follow_the_one_process_curve(work, tmp_path):
+    """2 processes (DDP), 2 processes sharded (FSDP2), and two one-process nodes on loopback: the global batch is the
+    same, so the curve and the healed weights are the one process's."""
+    changes = dict(tokens=4 * 16 * 8, eval_every=4)
+    runs = {"1": dict(processes=1), "2": dict(processes=2), "fsdp": dict(processes=2, fsdp=True)}
+    for name, launch in runs.items():
+        result = subprocess.run(stage_command(work, tmp_path / name, changes, save_every=100, **launch),
+                                env=stage_env(), cwd=tmp_path / name, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
-    for metric in ("train/loss", "eval/loss"):
-        one, two = logged(tmp_path / "1", metric), logged(tmp_path / "2", metric)
-        assert [s for s, _ in one] == [s for s, _ in two] and len(one) > 1
-        assert [v for _, v in two] == pytest.approx([v for _, v in one], abs=1e-4)
+    nodes = [subprocess.Popen(two_nodes(stage_command(work, tmp_path / "nodes", changes, save_every=100)),
+                              env=stage_env(), cwd=tmp_path / "nodes", stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for node in nodes:
+        assert node.wait(timeout=600) == 0, node.stderr.read()[-2000:]
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "1" / "healed").state_dict()
+    for name in ("2", "fsdp", "nodes"):
+        for metric in ("train/loss", "eval/loss"):
+            mine, theirs = logged(tmp_path / name, metric), logged(tmp_path / "1", metric)
+            assert [s for s, _ in mine] == [s for s, _ in theirs] and len(mine) > 1
+            assert [v for _, v in mine] == pytest.approx([v for _, v in theirs], abs=1e-4), (name, metric)
+        healed = AutoModelForCausalLM.from_pretrained(tmp_path / name / "healed").state_dict()
+        assert set(healed) == set(one)
+        assert max((healed[key] - one[key]).abs().max().item() for key in one) < 1e-5, name
+        assert (tmp_path / name / "healed/config.json").read_bytes() == (work / "pruned/config.json").read_bytes()
+
+
+def test_a_sharded_checkpoint_resumes_with_one_process_and_only_under_fsdp(work, straight, tmp_path):
+    cut = tmp_path / "cut"
+    kill_after_checkpoint(stage_command(work, cut, KILLED, processes=2, save_every=10, fsdp=True), cut, 20)
+    checkpoint = cut / "checkpoints/checkpoint-20"
+    assert len(list(checkpoint.glob("pytorch_model_fsdp_0/*.distcp"))) == 2  # one shard per rank
+    assert not list(checkpoint.glob("*.safetensors"))  # no rank gathered the weights
+    refused = subprocess.run(stage_command(work, cut, KILLED, processes=1, save_every=10), env=stage_env(), cwd=cut,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0  # torchrun reports the worker's one-line error and exits 1
+    assert "error: " + str(cut / "checkpoints/checkpoint-20") + " was made with heal_launch.fsdp: true; resume with it" \
+        in refused.stderr
+    subprocess.run(stage_command(work, cut, KILLED, processes=1, save_every=10, fsdp=True), env=stage_env(), cwd=cut,
+                   check=True, capture_output=True)
+    assert json.loads((cut / "logs/heal.timing.json").read_text())["resumed_from_step"] >= 20
+    assert_same_heal(cut, straight)
+
+
+def test_gradient_checkpointing_computes_the_same_heal(work, tmp_path):
+    plain = run_heal(work, tmp_path / "plain", heal_params(tokens=4 * 16 * 4))
+    recomputed = run_heal(work, tmp_path / "recomputed", heal_params(tokens=4 * 16 * 4),
+                          launch_params(gradient_checkpointing=True))
+    assert recomputed.validation_loss == pytest.approx(plain.validation_loss, abs=1e-6)
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name / "healed").state_dict()
+            for name in ("plain", "recomputed"))
+    assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-6
+
+
+def test_a_larger_budget_continues_a_finished_warmup_stable_decay_heal(work, tmp_path):
+    """8 steps (warm-up 2, decay the last 2), then 16 in the same folders: the second continues from step 6, the last
+    before the first one's decay, and ends where a heal of 16 steps from scratch ends."""
+    wsd = dict(schedule="warmup_stable_decay", warmup=2, decay=0.25, eval_every=4)
+    first = run_heal(work, tmp_path / "extended", heal_params(tokens=4 * 16 * 8, **wsd))
+    assert first.resumed_from == 0 and (tmp_path / "extended/checkpoints-branch/checkpoint-6").is_dir()
+    extended = run_heal(work, tmp_path / "extended", heal_params(tokens=4 * 16 * 16, **wsd))
+    direct = run_heal(work, tmp_path / "direct", heal_params(tokens=4 * 16 * 16, **wsd))
+    assert extended.resumed_from == 6 and direct.resumed_from == 0
+    assert extended.validation_loss == pytest.approx(direct.validation_loss, abs=1e-5)
+    assert sorted(extended.validation_loss) == [0, 4, 8, 12, 16]
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name / "healed").state_dict()
+            for name in ("extended", "direct"))
+    assert max((a[name] - b[name]).abs().max().item() for name in a) < 1e-5
+    # a smaller budget cannot continue from the larger one's branch (step 12): it starts over
+    assert run_heal(work, tmp_path / "direct", heal_params(tokens=4 * 16 * 8, **wsd)).resumed_from == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_heal import heal_params, run_heal, work  # noqa: F401 (work: a fixture, used by name)
+from test_heal import heal_params, prepare_shards, run_heal, work, write_jsonl  # noqa: F401 (work: a fixture)
 from layerprune.tiny_models import VOCAB, tiny_llama, word_tokenizer
 from transformers import AutoModelForCausalLM, TrainingArguments
 
@@ -77,10 +77,10 @@ def other_value(value):
     return value.model_copy(update={"kl": value.kl + 1})  # the loss weights
 
 
-@pytest.mark.parametrize("key", sorted(set(HealParams.model_fields) - {"processes"}))
+@pytest.mark.parametrize("key", sorted(HealParams.model_fields))
 def test_fingerprint_follows_every_heal_param(inputs, key):
-    """Every heal param but the process count can change what a heal computes (or its schedule of checkpoints and
-    evaluations), so a checkpoint made with another value must never be resumed."""
+    """Every heal param can change what a heal computes (or its schedule of evaluations), so a checkpoint made with
+    another value must never be resumed. How it runs (heal_launch) is not a heal param."""
     heal = heal_params()
     changed = heal.model_copy(update={key: other_value(getattr(heal, key))})
     assert fingerprint(changed, inputs) != fingerprint(heal, inputs)
@@ -97,8 +97,26 @@ def test_fingerprint_follows_the_heal_code(inputs, monkeypatch, tmp_path):
     assert fingerprint(heal_params(), inputs) != before
 
 
-def test_fingerprint_ignores_the_number_of_processes(inputs):
-    assert fingerprint(heal_params(processes=2), inputs) == fingerprint(heal_params(processes=1), inputs)
+def test_fingerprint_hashes_each_input_once_and_again_only_when_it_changes(inputs, tmp_path):
+    import sys
+
+    hashes = tmp_path / "hashes.json"
+    first = fingerprint(heal_params(), inputs, hashes)
+    opened = []
+    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and opened is not None
+                     and str(args[0]).startswith(str(tmp_path / "pruned")) else None)
+    opened.clear()
+    assert fingerprint(heal_params(), inputs, hashes) == first == fingerprint(heal_params(), inputs)
+    assert opened == sorted(set(opened)) and len(opened) == 3  # the run without the record read all three files
+    opened.clear()
+    assert fingerprint(heal_params(), inputs, hashes) == first
+    assert opened == []  # a resume reads no weights to know they are the same
+    weights = tmp_path / "pruned" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data[:-1] + b"x")  # a new file: another inode and modification time
+    assert fingerprint(heal_params(), inputs, hashes) != first
+    opened = None  # the audit hook stays installed; it does nothing from here on
 
 
 # ---- resume_point: the newest complete checkpoint of this fingerprint, by step number ----
@@ -194,37 +212,51 @@ def stream_successor(a: int, b: int, eos: int) -> bool:
     return b == (eos if (a - 3) % WORDS == WORDS - 1 else a + 1)
 
 
-def test_training_blocks_come_in_a_seeded_shuffled_order():
-    tokenizer = word_tokenizer(3 + 20 * WORDS)
+def shards_of(tmp_path, articles, tokenizer, **changes):
+    write_jsonl(tmp_path / "corpus.jsonl", articles)
+    write_jsonl(tmp_path / "eval.jsonl", [{"id": "none", "text": "w3"}])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    return prepare_shards(tmp_path / "corpus.jsonl", tmp_path / "eval.jsonl", tmp_path / "tokenizer",
+                          tmp_path / "shards", **changes)
+
+
+def rows_of(data) -> list[list[int]]:
+    return [data.train[i]["input_ids"].tolist() for i in range(len(data.train))]
+
+
+def test_training_blocks_come_in_a_seeded_shuffled_order(tmp_path):
+    tokenizer = word_tokenizer(3 + 20 * WORDS, bos=True)
     articles = [{"id": f"a{k}", "title": "", "text": " ".join(f"w{3 + WORDS * k + j}" for j in range(WORDS))}
                 for k in range(20)]
+    shards = shards_of(tmp_path, articles, tokenizer, validation_texts=2, validation_tokens=1)
     # 40 blocks of 8 tokens, from about 100 that the 18 training articles pack into: no repeats needed
-    heal = heal_params(tokens=2 * 8 * 20, seq_len=8, batch_size=2, validation_texts=2, repeat=False)
-    data = training_data(heal, tokenizer, articles, set())
-    train = data.train
-    assert data.steps == 20 and train.shape == (40, 8)
+    heal = heal_params(tokens=2 * 8 * 20, seq_len=8, batch_size=2, repeat=False)
+    data = training_data(heal, shards)
+    assert data.steps == 20 and len(data.train) == 40
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    rows = [[t for t in row if t != bos] for row in train.tolist()]
+    rows = [[t for t in row if t != bos] for row in rows_of(data)]
+    assert all(len(row) == 8 for row in rows_of(data))  # BOS + 7 tokens of the stream (texts start with BOS too)
     assert len({tuple(r) for r in rows}) == len(rows)  # 40 different blocks
     for row in rows:  # each block is a piece of the stream
         assert all(stream_successor(a, b, eos) for a, b in zip(row, row[1:])), row
     # In packed order every block would continue the one before it; shuffled, almost none does.
     continued = sum(stream_successor(a[-1], b[0], eos) for a, b in zip(rows, rows[1:]))
     assert continued <= 5
-    assert torch.equal(training_data(heal, tokenizer, articles, set()).train, train)  # the same seed, the same order
+    assert rows_of(training_data(heal, shards)) == rows_of(data)  # the same seed, the same order
 
 
-def test_the_block_order_follows_heal_seed():
-    """Two articles of 160 words (161 tokens with EOS, 23 blocks of BOS + 7): whichever the seed makes the training
-    one, its blocks are numbered by where they start in it, so the orders of two seeds compare directly."""
-    tokenizer = word_tokenizer(3 + 2 * 160)
+def test_the_block_order_follows_heal_seed(tmp_path):
+    """Two articles of 160 words (161 tokens with EOS, 23 blocks of BOS + 7): whichever the corpus's seed makes the
+    training one, its blocks are numbered by where they start in it, so the orders of two seeds compare directly."""
+    tokenizer = word_tokenizer(3 + 2 * 160, bos=True)
     articles = [{"id": f"a{k}", "title": "", "text": " ".join(f"w{3 + 160 * k + j}" for j in range(160))}
                 for k in range(2)]
-    heal = heal_params(tokens=2 * 8 * 10, seq_len=8, batch_size=2, validation_texts=1, repeat=False)
+    shards = shards_of(tmp_path, articles, tokenizer, validation_texts=1, validation_tokens=1)
+    heal = heal_params(tokens=2 * 8 * 10, seq_len=8, batch_size=2, repeat=False)
 
     def block_order(seed):
-        train = training_data(heal.model_copy(update={"seed": seed}), tokenizer, articles, set()).train
-        return [((row[1] - 3) % 160) // 7 for row in train.tolist()]  # row[0] is BOS
+        return [((row[1] - 3) % 160) // 7 for row in rows_of(training_data(heal.model_copy(update={"seed": seed}),
+                                                                            shards))]  # row[0] is BOS
 
     orders = [block_order(seed) for seed in (0, 1, 2)]
     for order in orders:
@@ -234,7 +266,7 @@ def test_the_block_order_follows_heal_seed():
 
 # ---- heal_model end to end: the teacher, the matched states, the trained weights, the saved dtype ----
 
-ONE_STEP = dict(tokens=4 * 16, save_every=100, eval_every=100, learning_rate=1e-3)
+ONE_STEP = dict(tokens=4 * 16, eval_every=100, learning_rate=1e-3)
 
 
 def record_first_step(monkeypatch) -> list:

@@ -1,7 +1,7 @@
 """`dvc exp run -S lang=<code>` must run with the committed defaults for every bundled language. The stages that size
-themselves from the text (sample, and the heal's validation slice and step plan) are built here for each language
-with the default model's tokenizer, without a forward pass: a language whose text is too short fails here, in
-seconds, instead of in the heal after ten minutes of pipeline."""
+themselves from the text (sample, the heal corpus's validation texts, and the heal's step plan) are built here for
+each language with the default model's tokenizer, without a forward pass: a language whose text is too short fails
+here, in seconds, instead of in the heal after ten minutes of pipeline."""
 import statistics
 
 import pytest
@@ -10,7 +10,9 @@ import yaml
 from conftest import REPO
 from layerprune.bundled import NOT_TEXT, bundled_languages
 from layerprune.errors import UserError
+from layerprune.files import write_jsonl
 from layerprune.heal import training_data
+from layerprune.heal_corpus import HeldOut, corpus_rows, prepare
 from layerprune.params import parse_params
 from layerprune.texts import fetch_bundled, split_samples
 
@@ -25,21 +27,29 @@ def tokenizer(tmp_path_factory):
     from layerprune.bundled import gguf_file
 
     gguf = gguf_file(DEFAULTS["model"]["id"], tmp_path_factory.mktemp("gguf"))
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(folder)  # what the model stage writes to models/tokenizer
+    return tokenizer, folder
 
 
 @pytest.mark.parametrize("lang", bundled_languages())
-def test_the_default_plan_runs_for_every_bundled_language(lang, tokenizer):
+def test_the_default_plan_runs_for_every_bundled_language(lang, tokenizer, tmp_path):
     params = parse_params({**DEFAULTS, "lang": lang})
     _, articles = fetch_bundled(lang)
     s = params.sample
     split = split_samples(articles, s.calibration, s.eval, s.min_chars, s.max_chars, s.seed)
     assert (len(split.calibration), len(split.eval)) == (s.calibration, s.eval)
     assert params.prune.search_texts <= s.calibration
-    heal = params.heal
-    data = training_data(heal, tokenizer, articles, {article["id"] for article in split.eval})
+    heal, corpus = params.heal, params.heal_corpus
+    write_jsonl(tmp_path / "corpus.jsonl", articles)
+    write_jsonl(tmp_path / "eval.jsonl", split.eval)
+    prepare(corpus, lambda state: corpus_rows(tmp_path / "corpus.jsonl", corpus.seed, state), tokenizer=tokenizer[0],
+            tokenizer_dir=tokenizer[1], held_out=HeldOut.read(tmp_path / "eval.jsonl", s.max_chars),
+            out_dir=tmp_path / "shards", source_id={"source": "corpus"}, progress=False)
+    data = training_data(heal, tmp_path / "shards")
     assert data.steps >= 1 and len(data.train) == data.steps * heal.batch_size * heal.accumulation
-    assert len(data.validation) >= heal.batch_size and data.validation_texts >= heal.validation_texts
+    assert len(data.validation) >= heal.batch_size and data.validation_texts >= corpus.validation_texts
     # what the stage records: trained tokens and the shortfall add up to the budget
     assert len(data.train) * heal.seq_len + data.shortfall(heal) == heal.tokens
 

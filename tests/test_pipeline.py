@@ -13,10 +13,11 @@ from pipeline_repo import PipelineRepo
 
 pytestmark = pytest.mark.slow
 
-# model-source runs on every repro (always_changed, about a second) to see whether the model changed
-ALWAYS = {"model-source"}
+# model-source and heal-corpus-source run on every repro (always_changed, about a second) to see whether the model, or
+# the heal corpus's source, changed
+ALWAYS = {"model-source", "heal-corpus-source"}
 ALL_STAGES = ALWAYS | {"model", "fetch-wiki", "sample", "layer-similarity", "choose-range", "frontier", "mergekit-slice",
-                       "heal", "perplexity-base", "perplexity-pruned", "perplexity-healed", "release"}
+                       "heal-corpus", "heal", "perplexity-base", "perplexity-pruned", "perplexity-healed", "release"}
 AFTER_THE_CHOICE = {"mergekit-slice", "heal", "perplexity-pruned", "perplexity-healed", "release"}
 
 
@@ -96,7 +97,10 @@ def test_a_code_change_marks_exactly_the_stages_that_run_it(repo, module, expect
     # stages after the choice may run: they do where their inputs changed (a slice of the same layers is the same
     # file, so what depends only on it does not run).
     ("sample.calibration=10", ALWAYS | {"sample", "layer-similarity", "choose-range", "frontier"}, AFTER_THE_CHOICE),
+    # a new cut does not redo the heal corpus: it depends on the tokenizer and the texts, not on the weights
     ("prune.layers=3", ALWAYS | {"choose-range"} | AFTER_THE_CHOICE, set()),
+    # how the heal runs is not what it computes: a finished heal stays
+    ("heal_launch.save_every=3", ALWAYS, set()),
 ])
 def test_a_change_reruns_only_the_affected_stages(repo, change, must, may):
     repo.reset()

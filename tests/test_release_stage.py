@@ -32,6 +32,12 @@ CHOICE = {"strategy": "loss", "metric": "angular_last", "n": 2, "dropped": [4, 5
           "parameters_after": 750_000}
 HEAL = {"tokens": 36864, "shortfall": 0, "steps": 36, "trainable_parameters": 22294528, "validation_texts": 16,
         "train_loss": 3.0981, "validation_loss": {"before": 4.3661, "after": 3.5525}}
+HEAL_CORPUS = {"source": {"source": "corpus", "seed": 0}, "rows_read": 6239,
+               "excluded": {"held_out_id": 32, "held_out_text": 1}, "validation_texts": 16, "validation_tokens": 1911,
+               "train_tokens": 627521, "contamination": {"ngram_tokens": 13, "held_out_texts": 32,
+                                                         "held_out_ngrams": 3612, "ngrams_found": 8,
+                                                         "texts_with_an_ngram_found": 1},
+               "source_exhausted": True}
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # the committed defaults, in Spanish whatever an experiment has written into params.yaml
 PARAMS = parse_params({**yaml.safe_load((REPO / "params.yaml").read_text()), "lang": "es"})
@@ -48,7 +54,7 @@ def model_info(tmp_path, kind):
                      license={"license": "unknown"})
 
 
-def release(tmp_path, monkeypatch, kind="hub", healed=HEALED, heal_tokens=HEAL["tokens"]):
+def release(tmp_path, monkeypatch, kind="hub", healed=HEALED, heal_tokens=HEAL["tokens"], heal_corpus=HEAL_CORPUS):
     """Write the release stage's inputs by hand, run its main(), return (release.json, card text)."""
     monkeypatch.chdir(tmp_path)
     tiny_llama(num_layers=6).save_pretrained(tmp_path / "healed")
@@ -58,7 +64,7 @@ def release(tmp_path, monkeypatch, kind="hub", healed=HEALED, heal_tokens=HEAL["
                                                     "articles": 6239, "chars": 2660470},
              "sample.json": {"calibration_texts": 128, "eval_texts": 32, "dropped": {}},
              "perplexity_base.json": BASE, "perplexity_pruned.json": PRUNED, "perplexity_healed.json": healed,
-             "heal.json": {**HEAL, "tokens": heal_tokens}}
+             "heal.json": {**HEAL, "tokens": heal_tokens}, "heal_corpus.json": heal_corpus}
     for name, value in files.items():
         (tmp_path / name).write_text(json.dumps(value))
     (tmp_path / "slice.yaml").write_text("merge_method: passthrough\nslices: []\n")
@@ -68,7 +74,8 @@ def release(tmp_path, monkeypatch, kind="hub", healed=HEALED, heal_tokens=HEAL["
                choice="choice.json", corpus_metrics="corpus.json", sample_metrics="sample.json",
                perplexity_base="perplexity_base.json", perplexity_pruned="perplexity_pruned.json",
                heatmap="heatmap.png", release_dir="release", card="model_card.md", plot="perplexity.csv",
-               metrics="release.json", perplexity_healed="perplexity_healed.json", heal_metrics="heal.json")
+               metrics="release.json", perplexity_healed="perplexity_healed.json", heal_metrics="heal.json",
+               heal_corpus_metrics="heal_corpus.json")
     return json.loads((tmp_path / "release.json").read_text()), (tmp_path / "model_card.md").read_text()
 
 
@@ -138,3 +145,20 @@ def test_card_names_the_local_folder(tmp_path, monkeypatch):
     assert f"| base model | `{folder}` (a local folder) |" in card
     assert f"-S model.id={folder}" in card
     assert ModelCard(card).data.base_model is None  # no hub repo to point at
+
+
+def test_the_card_says_what_healed_it_and_how_much_held_out_text_it_holds(tmp_path, monkeypatch):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "hub").mkdir()
+    _, card = release(tmp_path / "corpus", monkeypatch)
+    assert "| source | the fetched corpus (the table above), minus the held-out texts |" in card
+    assert "| rows read | 6,239 (left out: 32 held out id, 1 held out text) |" in card
+    assert "| tokens prepared for training | 627,521 |" in card
+    assert ("| contamination | 8 of the held-out texts' 3,612 distinct 13-token sequences occur in the training text, "
+            "from 1 of 32 held-out texts |") in card
+    hub = {**HEAL_CORPUS, "source": {"source": "hub", "dataset": "HuggingFaceFW/fineweb-2", "config": "spa_Latn",
+                                     "split": "train", "revision": "main", "resolved": HUB_COMMIT, "license": "odc-by"}}
+    _, card = release(tmp_path / "hub", monkeypatch, heal_corpus=hub)
+    assert (f"| source | `HuggingFaceFW/fineweb-2`, config `spa_Latn`, split `train`, revision `main` (resolved: "
+            f"`{HUB_COMMIT}`) |") in card
+    assert "| license | odc-by |" in card
