@@ -12,7 +12,8 @@ from conftest import REPO
 
 # What `dvc repro release` runs, in its order (the frontier is not on its path)
 STAGES = ["model-source", "model", "fetch-wiki", "sample", "layer-similarity", "choose-range", "mergekit-slice",
-          "heal", "perplexity-base", "perplexity-pruned", "perplexity-healed", "release"]
+          "heal-corpus-source", "heal-corpus", "heal", "perplexity-base", "perplexity-pruned", "perplexity-healed",
+          "release"]
 LOADS_MODEL = {"layer-similarity", "perplexity-base", "perplexity-pruned"}
 
 
