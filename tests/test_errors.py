@@ -392,8 +392,13 @@ def test_killed_repro_leaves_no_half_written_output_and_reruns(tmp_path, sig):
     corpus = data / "corpus.jsonl"
     if corpus.exists():  # the signal came after the rename: then the file is complete
         assert len(read_jsonl(corpus)) == len(rows)
-    if sig == signal.SIGINT:  # Python's cleanup ran: no temp file is left either
-        assert temp_files(data) == []
+    if sig == signal.SIGINT:
+        # Python's cleanup runs on SIGINT, unless dvc, interrupted too, kills the stage first (on a busy machine it
+        # can): whatever temp file is left belongs to a writer that is gone, which the rerun below deletes
+        for name in temp_files(data):
+            pid = int(name.removeprefix(".corpus.jsonl.").split(".")[0])
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
 
     repo.dvc("repro", "fetch-wiki")
     assert temp_files(data) == []  # the killed run's leftovers are gone
