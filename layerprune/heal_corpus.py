@@ -240,14 +240,21 @@ def shard_ok(folder: Path, entry: dict, itemsize: int) -> bool:
             and file_sha256(path) == entry["sha256"])
 
 
-def reusable(manifest: Manifest, folder: Path, itemsize: int, budget: int | None) -> list[dict]:
-    """The finished shards a run with this budget keeps: the verified ones in stream order up to the first that is
-    not, and only whole training shards within the budget (a partial one, the budget's or the source's end, is written
-    again by a run that goes further)."""
-    kept, train_tokens = [], 0
+def intact(manifest: Manifest, folder: Path, itemsize: int) -> list[dict]:
+    """The manifest's shards, in stream order, up to the first that does not match its entry (each read once)."""
+    good = []
     for entry in manifest.shards:
         if not shard_ok(folder, entry, itemsize):
             break
+        good.append(entry)
+    return good
+
+
+def reusable(verified: list[dict], budget: int | None) -> list[dict]:
+    """Of the verified shards, those a run with this budget keeps: only whole training shards within the budget (a
+    partial one, the budget's or the source's end, is written again by a run that goes further)."""
+    kept, train_tokens = [], 0
+    for entry in verified:
         if entry["kind"] == "train":
             train_tokens += entry["tokens"]
             if entry.get("partial") or (budget is not None and train_tokens > budget):
@@ -326,10 +333,10 @@ def prepare(source, rows, *, tokenizer_dir, held_out: HeldOut, out_dir, source_i
         for old in out_dir.iterdir():  # another source, tokenizer or layout: nothing here can be reused
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         manifest = Manifest(settings, budget)
-    if manifest.done and manifest.budget == budget and all(
-            shard_ok(out_dir, entry, dtype.itemsize) for entry in manifest.shards):
+    verified = intact(manifest, out_dir, dtype.itemsize)
+    if manifest.done and manifest.budget == budget and len(verified) == len(manifest.shards):
         return Prepared(manifest.totals, len(manifest.shards))
-    kept = reusable(manifest, out_dir, dtype.itemsize, budget)
+    kept = reusable(verified, budget)
     for path in out_dir.glob("*.bin"):
         if path.name not in {entry["name"] for entry in kept}:
             path.unlink()
